@@ -1,0 +1,33 @@
+"""msrcnn-jax: Mask Scoring R-CNN in JAX/Flax, parity-checked against mmdetection 2.x."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name='msrcnn-jax',
+    version='0.1.0',
+    description='Mask Scoring R-CNN in JAX/Flax with mmdetection checkpoint parity',
+    packages=find_packages(include=['msrcnn_jax', 'msrcnn_jax.*']),
+    python_requires='>=3.10',
+    install_requires=[
+        'jax>=0.4.30',
+        'flax>=0.8',
+        'optax>=0.2',
+        'orbax-checkpoint>=0.6',
+        'numpy>=1.24',
+        'pycocotools>=2.0.7',
+        'ml_collections>=0.1.1',
+        'opencv-python-headless>=4.8',
+        'absl-py>=1.4',
+        'tqdm>=4.60',
+        'tensorboardX>=2.6',
+        'matplotlib>=3.7',
+        'Pillow>=10',
+        'scipy>=1.10',
+    ],
+    extras_require={
+        # torch only reads mmdetection .pth files (CPU wheel is enough).
+        'convert': ['torch>=2.0'],
+        'tfds': ['tensorflow-cpu>=2.15', 'tensorflow-datasets>=4.9'],
+        'test': ['pytest>=7', 'pytest-xdist>=3', 'chex>=0.1.85'],
+    },
+)
