@@ -65,6 +65,8 @@ def fixture_config(set_name):
       rh['mask_iou_head']['fc_out_channels'])
   scale = [p for p in ref['test_pipeline'] if p['type'] == 'MultiScaleFlipAug']
   cfg.data.img_scale = tuple(scale[0]['img_scale'])
+  long, short = (-(-v // 32) * 32 for v in cfg.data.img_scale)
+  cfg.data.buckets = ((short, long), (long, short), (short, short))
   return cfg
 
 
