@@ -1,0 +1,280 @@
+"""COCO bbox / segm evaluation as mmdetection v2's ``CocoDataset`` does it.
+
+Detections arrive as host-side per-image records (numpy), one per image,
+produced by the inference code::
+
+  {'image_id': int, 'file_name': str, 'ori_shape': (h, w),
+   'boxes': (K, 4) float32 x1, y1, x2, y2 in ORIGINAL image pixels,
+   'scores': (K,) float32 box score, 'labels': (K,) int 0..N-1,
+   'mask_iou': (K,) float32 predicted MaskIoU of the label,
+   'mask_scores': (K,) float32 = scores * mask_iou,
+   'masks': list of K RLE dicts {'size': [h, w], 'counts': str}}
+
+Only valid detections are present (no padding rows), K <= 100.
+
+Conversion follows ``CocoDataset._segm2json`` (spec §2.8): bbox entries are
+scored with the box score, segm entries with the mask score (that is the only
+place Mask Scoring R-CNN changes the COCO numbers). Evaluation follows
+``CocoDataset.evaluate_det_segm`` of mmdetection 2.28: ``maxDets = [100, 300,
+1000]``, the ``bbox`` key is dropped from segm results before ``loadRes`` (so
+small/medium/large use the mask area), metrics are
+``float(f'{stats[i]:.3f}')`` under the names ``{metric}_mAP``, ``_mAP_50``,
+``_mAP_75``, ``_mAP_s``, ``_mAP_m``, ``_mAP_l`` plus ``{metric}_mAP_copypaste``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import os
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+# mmdetection's mapping of metric item -> index into COCOeval.stats.
+COCO_METRIC_NAMES = ('mAP', 'mAP_50', 'mAP_75', 'mAP_s', 'mAP_m', 'mAP_l')
+# CocoDataset.evaluate's default proposal_nums, used as params.maxDets.
+MMDET_MAX_DETS = (100, 300, 1000)
+
+
+def _xyxy2xywh(box: np.ndarray) -> List[float]:
+  """CocoDataset.xyxy2xywh: float32 corners -> Python floats, w/h in double."""
+  b = np.asarray(box, dtype=np.float32).tolist()
+  return [b[0], b[1], b[2] - b[0], b[3] - b[1]]
+
+
+def _rle_for_json(rle: Dict[str, Any]) -> Dict[str, Any]:
+  counts = rle['counts']
+  if isinstance(counts, bytes):
+    counts = counts.decode()
+  return {'size': [int(s) for s in rle['size']], 'counts': counts}
+
+
+def records_to_coco_results(
+    records: Iterable[Dict[str, Any]],
+    category_ids: Sequence[int],
+    segm_score_key: str = 'mask_scores',
+) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+  """Per-image detection records -> COCO result lists (``_segm2json``).
+
+  Args:
+    records: per-image dicts as in the module docstring. Records without
+      ``masks`` contribute bbox entries only.
+    category_ids: label ``i`` -> COCO ``category_id`` ``category_ids[i]``.
+    segm_score_key: record key used as the segm score; ``'mask_scores'``
+      (mmdetection v2 for MS R-CNN, default) or ``'scores'`` (the box score,
+      as a detector without mask scoring would report).
+
+  Returns:
+    ``(bbox_results, segm_results)``: lists of dicts. bbox entries are
+    ``{'image_id', 'bbox': [x, y, w, h], 'score': box score, 'category_id'}``;
+    segm entries add ``'segmentation'`` (RLE, ``counts`` as str) and carry the
+    mask score. Like mmdetection, entries are label-major within an image
+    and keep the record order (descending score) within a label.
+  """
+  bbox_results, segm_results = [], []
+  for rec in records:
+    image_id = int(rec['image_id'])
+    boxes = np.asarray(rec['boxes'], dtype=np.float32).reshape(-1, 4)
+    scores = np.asarray(rec['scores'], dtype=np.float32).reshape(-1)
+    labels = np.asarray(rec['labels']).reshape(-1).astype(np.int64)
+    masks = rec.get('masks')
+    segm_scores = None
+    if masks is not None:
+      segm_scores = np.asarray(rec[segm_score_key], dtype=np.float32)
+      segm_scores = segm_scores.reshape(-1)
+    # Stable: within a label the record order is kept (spec §2.8).
+    order = np.argsort(labels, kind='stable')
+    for i in order:
+      cat = int(category_ids[int(labels[i])])
+      xywh = _xyxy2xywh(boxes[i])
+      bbox_results.append({
+          'image_id': image_id, 'bbox': xywh, 'score': float(scores[i]),
+          'category_id': cat})
+      if masks is not None:
+        segm_results.append({
+            'image_id': image_id, 'bbox': list(xywh),
+            'score': float(segm_scores[i]), 'category_id': cat,
+            'segmentation': _rle_for_json(masks[i])})
+  return bbox_results, segm_results
+
+
+def _empty_results(coco_gt: COCO) -> COCO:
+  """A results COCO with no annotations (``loadRes([])`` raises IndexError)."""
+  res = COCO()
+  res.dataset = {
+      'images': list(coco_gt.dataset.get('images', [])),
+      'categories': copy.deepcopy(coco_gt.dataset.get('categories', [])),
+      'annotations': []}
+  with contextlib.redirect_stdout(io.StringIO()):
+    res.createIndex()
+  return res
+
+
+def run_cocoeval(
+    coco_gt: COCO, results: List[Dict[str, Any]], iou_type: str,
+    img_ids: Optional[Sequence[int]] = None,
+    cat_ids: Optional[Sequence[int]] = None,
+) -> Tuple[COCOeval, str]:
+  """evaluate/accumulate/summarize one iou type exactly as mmdetection.
+
+  Args:
+    coco_gt: ground truth.
+    results: COCO result dicts (not modified; deep-copied).
+    iou_type: ``'bbox'`` or ``'segm'``.
+    img_ids: images to evaluate; default every image of ``coco_gt``.
+    cat_ids: categories; default every category of ``coco_gt``.
+
+  Returns:
+    ``(cocoeval, summary_text)`` with ``cocoeval.stats`` (12,) filled.
+  """
+  preds = copy.deepcopy(results)
+  if iou_type == 'segm':
+    # mmdet >= 2.12: drop 'bbox' so loadRes uses the mask area for s/m/l.
+    for p in preds:
+      p.pop('bbox', None)
+  with contextlib.redirect_stdout(io.StringIO()):
+    coco_dt = coco_gt.loadRes(preds) if preds else _empty_results(coco_gt)
+  ev = COCOeval(coco_gt, coco_dt, iou_type)
+  ev.params.catIds = list(cat_ids) if cat_ids is not None else (
+      coco_gt.getCatIds())
+  ev.params.imgIds = list(img_ids) if img_ids is not None else (
+      coco_gt.getImgIds())
+  ev.params.maxDets = list(MMDET_MAX_DETS)
+  buf = io.StringIO()
+  with contextlib.redirect_stdout(buf):
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+  return ev, buf.getvalue()
+
+
+def evaluate_coco(
+    coco_gt: COCO,
+    bbox_results: Optional[List[Dict[str, Any]]],
+    segm_results: Optional[List[Dict[str, Any]]],
+    metrics: Sequence[str] = ('bbox', 'segm'),
+    print_table: bool = True,
+    img_ids: Optional[Sequence[int]] = None,
+    cat_ids: Optional[Sequence[int]] = None,
+    stats_out: Optional[Dict[str, List[float]]] = None,
+) -> Dict[str, Any]:
+  """COCO metrics with mmdetection v2's key names and rounding.
+
+  Args:
+    coco_gt: ground truth.
+    bbox_results, segm_results: from :func:`records_to_coco_results`.
+    metrics: subset of ``('bbox', 'segm')``.
+    print_table: print the standard COCOeval summary for each metric.
+    img_ids, cat_ids: restrict the evaluation (default: all of ``coco_gt``,
+      as mmdetection's ``self.img_ids`` / ``self.cat_ids``).
+    stats_out: if given, receives ``{metric: list of the 12 raw stats}``.
+
+  Returns:
+    ``{'bbox_mAP': float, 'bbox_mAP_50', 'bbox_mAP_75', 'bbox_mAP_s',
+    'bbox_mAP_m', 'bbox_mAP_l', 'bbox_mAP_copypaste': str, 'segm_...'}``,
+    values ``float(f'{x:.3f}')``; -1.0 where pycocotools has no ground truth
+    (e.g. no small objects). Empty results give pycocotools' values (0 AP)
+    where mmdetection would log an error and stop.
+  """
+  out: Dict[str, Any] = {}
+  for metric in metrics:
+    if metric not in ('bbox', 'segm'):
+      raise ValueError(f'unsupported metric {metric!r}')
+    results = bbox_results if metric == 'bbox' else segm_results
+    ev, text = run_cocoeval(coco_gt, list(results or []), metric,
+                            img_ids=img_ids, cat_ids=cat_ids)
+    if print_table:
+      print(f'Evaluating {metric}...\n{text}')
+    for i, item in enumerate(COCO_METRIC_NAMES):
+      out[f'{metric}_{item}'] = float(f'{ev.stats[i]:.3f}')
+    ap = ev.stats[:6]
+    out[f'{metric}_mAP_copypaste'] = ' '.join(f'{a:.3f}' for a in ap)
+    if stats_out is not None:
+      stats_out[metric] = [float(s) for s in ev.stats]
+  return out
+
+
+class CocoEvaluator:
+  """Accumulates per-image records over batches, then evaluates and writes.
+
+  Usage::
+
+    ev = CocoEvaluator(coco_gt, cfg.data.category_ids, output_dir=workdir)
+    for batch_records in ...: ev.add(batch_records)
+    metrics = ev.evaluate()
+
+  Files written to ``output_dir`` (when given): ``<prefix>.bbox.json``,
+  ``<prefix>.segm.json`` (mmdetection's ``results2json`` names; segm entries
+  keep their ``bbox``), and ``metrics.json`` (the metrics dict plus
+  ``'coco_stats'``: the 12 raw COCOeval stats per metric, and
+  ``'num_images'``).
+  """
+
+  def __init__(self, coco_gt: COCO, category_ids: Sequence[int],
+               output_dir: Optional[str] = None, prefix: str = 'results',
+               metrics: Sequence[str] = ('bbox', 'segm'),
+               only_seen_images: bool = True, print_table: bool = True):
+    """Args:
+
+      coco_gt: ground truth.
+      category_ids: label -> COCO category id.
+      output_dir: where result and metric files go; None writes nothing.
+      prefix: result file prefix inside ``output_dir``.
+      metrics: ``('bbox', 'segm')`` or a subset.
+      only_seen_images: evaluate only the images that were added (records
+        with K = 0 count as seen). On a full pass this equals mmdetection
+        (every image is seen); on a partial pass it avoids counting the
+        unseen images as misses.
+      print_table: print the COCOeval summaries.
+    """
+    self.coco_gt = coco_gt
+    self.category_ids = tuple(int(c) for c in category_ids)
+    self.output_dir = output_dir
+    self.prefix = prefix
+    self.metrics = tuple(metrics)
+    self.only_seen_images = only_seen_images
+    self.print_table = print_table
+    self.records: List[Dict[str, Any]] = []
+
+  def add(self, records: Iterable[Dict[str, Any]]) -> None:
+    """Appends per-image records (one dict per image)."""
+    self.records.extend(records)
+
+  update = add
+
+  def reset(self) -> None:
+    self.records = []
+
+  def results(self) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+    """``records_to_coco_results`` of everything added so far."""
+    return records_to_coco_results(self.records, self.category_ids)
+
+  def evaluate(self) -> Dict[str, Any]:
+    """Runs COCOeval for each metric; writes the files; returns metrics."""
+    bbox_results, segm_results = self.results()
+    img_ids = None
+    if self.only_seen_images:
+      img_ids = sorted({int(r['image_id']) for r in self.records})
+    stats: Dict[str, List[float]] = {}
+    metrics = evaluate_coco(
+        self.coco_gt, bbox_results, segm_results, metrics=self.metrics,
+        print_table=self.print_table, img_ids=img_ids, stats_out=stats)
+    if self.output_dir:
+      os.makedirs(self.output_dir, exist_ok=True)
+      for name, res in (('bbox', bbox_results), ('segm', segm_results)):
+        if name in self.metrics:
+          path = os.path.join(self.output_dir, f'{self.prefix}.{name}.json')
+          with open(path, 'w') as f:
+            json.dump(res, f)
+      payload = dict(metrics)
+      payload['coco_stats'] = stats
+      payload['num_images'] = len(
+          img_ids if img_ids is not None else self.coco_gt.getImgIds())
+      with open(os.path.join(self.output_dir, 'metrics.json'), 'w') as f:
+        json.dump(payload, f, indent=2)
+    return metrics
