@@ -1,0 +1,218 @@
+"""How well the predicted MaskIoU ranks masks, and what it gains in segm AP.
+
+Mask Scoring R-CNN replaces the segm score ``box_score`` by ``box_score *
+MaskIoU`` (spec §2.5, §2.8). This report measures, on detections matched to
+ground truth, how the predicted MaskIoU and the box score correlate with the
+actual mask IoU, and recomputes segm AP with box scores, so that
+``segm_mAP`` (mask score, what mmdetection reports) can be compared with
+``segm_mAP_boxscore`` (what plain Mask R-CNN scoring would give).
+
+Actual IoU of a detection: the maximum mask IoU (``pycocotools.mask.iou``
+on RLEs, non-crowd mode) with the non-crowd ground-truth instances of the same
+category in the same image; 0 if there is none. A detection counts as
+*matched* when that IoU is > 0; correlations and errors use matched
+detections only (unmatched ones have no meaningful target; the MaskIoU head is
+trained only on positives, spec §3.4).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pycocotools.mask as mask_util
+from pycocotools.coco import COCO
+from scipy import stats as sp_stats
+
+from msrcnn_jax.evaluation.coco_evaluator import (
+    evaluate_coco, records_to_coco_results)
+
+REPORT_JSON = 'mask_scoring_report.json'
+SCATTER_PNG = 'mask_scoring_scatter.png'
+MATCHED_DEFINITION = (
+    'actual IoU = max mask IoU (pycocotools.mask.iou, RLE) with a non-crowd GT '
+    'instance of the same category in the image; matched if actual IoU > 0')
+
+
+def actual_mask_ious(coco_gt: COCO, records: Sequence[Dict[str, Any]],
+                     category_ids: Sequence[int]) -> List[np.ndarray]:
+  """Actual mask IoU of every detection.
+
+  Args:
+    coco_gt: ground truth (polygons or RLE; crowd instances are skipped).
+    records: per-image detection records (see ``coco_evaluator``); uses
+      ``image_id``, ``labels`` and ``masks`` (RLE of the original image size).
+    category_ids: label -> COCO category id.
+
+  Returns:
+    One float64 array ``(K,)`` per record: max IoU with a same-category
+    non-crowd GT mask, 0 where the image has none.
+  """
+  out = []
+  for rec in records:
+    labels = np.asarray(rec['labels']).reshape(-1).astype(np.int64)
+    ious = np.zeros(len(labels), np.float64)
+    anns = [a for a in coco_gt.imgToAnns.get(int(rec['image_id']), [])
+            if not a.get('iscrowd', 0)]
+    for label in np.unique(labels):
+      cat = int(category_ids[int(label)])
+      gts = [coco_gt.annToRLE(a) for a in anns if a['category_id'] == cat]
+      if not gts:
+        continue
+      idx = np.nonzero(labels == label)[0]
+      dts = [rec['masks'][i] for i in idx]
+      iou = mask_util.iou(dts, gts, [0] * len(gts))
+      ious[idx] = np.asarray(iou, np.float64).reshape(len(idx), -1).max(1)
+    out.append(ious)
+  return out
+
+
+def _corr(x: np.ndarray, y: np.ndarray) -> Tuple[Optional[float],
+                                                 Optional[float]]:
+  """(Pearson, Spearman) or None where undefined (< 2 points, constant)."""
+  if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+    return None, None
+  pearson = float(sp_stats.pearsonr(x, y)[0])
+  spearman = float(sp_stats.spearmanr(x, y)[0])
+  return pearson, spearman
+
+
+def _calibration(actual: np.ndarray, pred: np.ndarray,
+                 num_bins: int = 10) -> List[Dict[str, Any]]:
+  """Mean predicted MaskIoU per actual-IoU bin [i/n, (i+1)/n)."""
+  bins = np.minimum((actual * num_bins).astype(np.int64), num_bins - 1)
+  rows = []
+  for b in range(num_bins):
+    sel = bins == b
+    rows.append({'actual_iou_bin': [b / num_bins, (b + 1) / num_bins],
+                 'count': int(sel.sum()),
+                 'mean_pred_mask_iou': float(pred[sel].mean()) if sel.any()
+                                       else None})
+  return rows
+
+
+def _save_scatter(path: str, actual: np.ndarray, pred: np.ndarray,
+                  box_score: np.ndarray, summary: Dict[str, Any],
+                  max_points: int = 20000) -> None:
+  """Two panels: predicted MaskIoU and box score against actual IoU."""
+  # Figure + Agg canvas directly: no pyplot, the global backend is untouched.
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  if len(actual) > max_points:
+    sel = np.random.RandomState(0).choice(len(actual), max_points,
+                                          replace=False)
+    actual, pred, box_score = actual[sel], pred[sel], box_score[sel]
+  fig = Figure(figsize=(10, 4.6), dpi=100)
+  FigureCanvasAgg(fig)
+
+  def fmt(v):
+    return 'n/a' if v is None else f'{v:.3f}'
+
+  for i, (y, name, key) in enumerate((
+      (pred, 'predicted MaskIoU', 'maskiou'),
+      (box_score, 'box score', 'boxscore'))):
+    ax = fig.add_subplot(1, 2, i + 1)
+    small = len(actual) < 2000
+    ax.scatter(actual, y, s=16 if small else 3, alpha=0.8 if small else 0.3,
+               edgecolors='none')
+    ax.plot([0, 1], [0, 1], 'k--', linewidth=0.8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(min(0.0, float(y.min()) if len(y) else 0.0),
+                max(1.0, float(y.max()) if len(y) else 1.0))
+    ax.set_xlabel('actual mask IoU')
+    ax.set_ylabel(name)
+    ax.set_title(f'{name}: Pearson {fmt(summary["pearson_" + key])}, '
+                 f'Spearman {fmt(summary["spearman_" + key])}', fontsize=9)
+  fig.suptitle(f'{summary["num_matched"]} matched detections', fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, format='png')
+
+
+def mask_scoring_report(
+    coco_gt: COCO,
+    records: Sequence[Dict[str, Any]],
+    category_ids: Sequence[int],
+    output_dir: Optional[str] = None,
+    metrics: Optional[Dict[str, Any]] = None,
+    img_ids: Optional[Sequence[int]] = None,
+) -> Tuple[Dict[str, Any], str]:
+  """Correlations of MaskIoU / box score with the actual IoU; AP comparison.
+
+  Args:
+    coco_gt: ground truth.
+    records: per-image records (``coco_evaluator`` docstring) with
+      ``scores``, ``labels``, ``mask_iou``, ``mask_scores`` and ``masks``.
+    category_ids: label -> COCO category id.
+    output_dir: if given, writes ``mask_scoring_report.json`` and
+      ``mask_scoring_scatter.png`` there (beside ``metrics.json``).
+    metrics: an existing ``evaluate_coco`` result holding ``segm_mAP*``
+      (mask-score AP); recomputed when missing.
+    img_ids: images to evaluate; default the images of ``records``.
+
+  Returns:
+    ``(summary, log)``: ``summary`` has ``num_detections``, ``num_matched``,
+    ``pearson_/spearman_`` + ``maskiou`` (predicted MaskIoU), ``boxscore``
+    and ``maskscore`` (None where undefined), ``maskiou_mae``,
+    ``mean_actual_iou``, ``mean_pred_mask_iou``, ``segm_mAP``,
+    ``segm_mAP_50``, ``segm_mAP_75``, the same with ``_boxscore``,
+    ``segm_mAP_gain`` (mask minus box score), ``calibration`` and
+    ``matched_definition``; ``log`` is one paragraph for the log.
+  """
+  records = list(records)
+  if img_ids is None:
+    img_ids = sorted({int(r['image_id']) for r in records})
+  ious = actual_mask_ious(coco_gt, records, category_ids)
+
+  def cat(key):
+    parts = [np.asarray(r[key], np.float64).reshape(-1) for r in records]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+  actual = np.concatenate(ious) if ious else np.zeros(0)
+  pred, box, mscore = cat('mask_iou'), cat('scores'), cat('mask_scores')
+  matched = actual > 0
+  a, p, b, m = actual[matched], pred[matched], box[matched], mscore[matched]
+  s: Dict[str, Any] = {'num_detections': int(len(actual)),
+                       'num_matched': int(matched.sum())}
+  for key, x in (('maskiou', p), ('boxscore', b), ('maskscore', m)):
+    s[f'pearson_{key}'], s[f'spearman_{key}'] = _corr(x, a)
+  s['maskiou_mae'] = float(np.abs(p - a).mean()) if len(a) else None
+  s['mean_actual_iou'] = float(a.mean()) if len(a) else None
+  s['mean_pred_mask_iou'] = float(p.mean()) if len(a) else None
+
+  items = ('mAP', 'mAP_50', 'mAP_75')
+  if metrics is None or any(f'segm_{k}' not in metrics for k in items):
+    _, segm = records_to_coco_results(records, category_ids)
+    metrics = evaluate_coco(coco_gt, None, segm, metrics=('segm',),
+                            print_table=False, img_ids=img_ids)
+  _, segm_box = records_to_coco_results(records, category_ids,
+                                        segm_score_key='scores')
+  box_metrics = evaluate_coco(coco_gt, None, segm_box, metrics=('segm',),
+                              print_table=False, img_ids=img_ids)
+  for k in items:
+    s[f'segm_{k}'] = metrics[f'segm_{k}']
+    s[f'segm_{k}_boxscore'] = box_metrics[f'segm_{k}']
+  s['segm_mAP_gain'] = round(s['segm_mAP'] - s['segm_mAP_boxscore'], 3)
+  s['calibration'] = _calibration(a, p)
+  s['matched_definition'] = MATCHED_DEFINITION
+
+  def fmt(v):
+    return 'n/a' if v is None else f'{v:.3f}'
+
+  log = (
+      f'Mask scoring over {s["num_detections"]} detections '
+      f'({s["num_matched"]} matched to a same-class GT mask, IoU > 0): '
+      f'predicted MaskIoU vs actual mask IoU Pearson '
+      f'{fmt(s["pearson_maskiou"])} / Spearman {fmt(s["spearman_maskiou"])} '
+      f'(mean abs error {fmt(s["maskiou_mae"])}); box score vs actual IoU '
+      f'Pearson {fmt(s["pearson_boxscore"])} / Spearman '
+      f'{fmt(s["spearman_boxscore"])}. Segm mAP with mask scores '
+      f'{s["segm_mAP"]:.3f} vs {s["segm_mAP_boxscore"]:.3f} with box scores '
+      f'({s["segm_mAP_gain"]:+.3f}).')
+  if output_dir:
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, REPORT_JSON), 'w') as f:
+      json.dump(dict(s, log=log), f, indent=2)
+    _save_scatter(os.path.join(output_dir, SCATTER_PNG), a, p, b, s)
+  return s, log
