@@ -9,6 +9,7 @@ import pycocotools.mask as mask_util
 from PIL import Image
 from pycocotools.coco import COCO
 
+from msrcnn_jax.evaluation.coco_evaluator import CocoEvaluator
 from msrcnn_jax.evaluation.mask_scoring_report import (
     actual_mask_ious, mask_scoring_report)
 from msrcnn_jax.evaluation.visualize import (
@@ -120,6 +121,20 @@ def test_mask_scores_beat_box_scores_on_constructed_case():
   assert '+0.450' in log
 
 
+def test_evaluator_writes_report_beside_metrics(tmp_path):
+  coco, rec, _ = _shifted_case(lambda iou: 0.5 * iou + 0.3)
+  ev = CocoEvaluator(coco, CAT_IDS, output_dir=str(tmp_path),
+                     print_table=False)
+  ev.add([rec])
+  metrics = ev.evaluate()
+  summary, _ = ev.mask_scoring_report()
+  assert summary['segm_mAP'] == metrics['segm_mAP']
+  np.testing.assert_allclose(summary['pearson_maskiou'], 1.0, atol=1e-6)
+  names = {p.name for p in tmp_path.iterdir()}
+  assert {'metrics.json', 'results.bbox.json', 'results.segm.json',
+          'mask_scoring_report.json', 'mask_scoring_scatter.png'} <= names
+
+
 def test_draw_detections_changes_mask_pixels(tmp_path):
   image = np.full((60, 80, 3), 100, np.uint8)
   rec = _record(1, 60, 80, [(30, 30, 0, 0.9), (5, 40, 1, 0.1)], [0.8, 0.7])
@@ -131,3 +146,6 @@ def test_draw_detections_changes_mask_pixels(tmp_path):
   path = tmp_path / 'vis' / 'a.png'
   drawn = save_visualization(str(path), image, rec, ('cat', 'dog'))
   np.testing.assert_array_equal(np.asarray(Image.open(path)), drawn)
+  rgba = np.concatenate([image, np.zeros((60, 80, 1), np.uint8)], axis=2)
+  np.testing.assert_array_equal(
+      draw_detections(rgba, rec, ('cat', 'dog'), score_thr=0.3), out)

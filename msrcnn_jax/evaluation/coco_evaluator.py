@@ -240,6 +240,7 @@ class CocoEvaluator:
     self.only_seen_images = only_seen_images
     self.print_table = print_table
     self.records: List[Dict[str, Any]] = []
+    self.metrics_result: Optional[Dict[str, Any]] = None
 
   def add(self, records: Iterable[Dict[str, Any]]) -> None:
     """Appends per-image records (one dict per image)."""
@@ -249,6 +250,12 @@ class CocoEvaluator:
 
   def reset(self) -> None:
     self.records = []
+    self.metrics_result = None
+
+  def _img_ids(self) -> Optional[List[int]]:
+    if not self.only_seen_images:
+      return None
+    return sorted({int(r['image_id']) for r in self.records})
 
   def results(self) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
     """``records_to_coco_results`` of everything added so far."""
@@ -257,9 +264,7 @@ class CocoEvaluator:
   def evaluate(self) -> Dict[str, Any]:
     """Runs COCOeval for each metric; writes the files; returns metrics."""
     bbox_results, segm_results = self.results()
-    img_ids = None
-    if self.only_seen_images:
-      img_ids = sorted({int(r['image_id']) for r in self.records})
+    img_ids = self._img_ids()
     stats: Dict[str, List[float]] = {}
     metrics = evaluate_coco(
         self.coco_gt, bbox_results, segm_results, metrics=self.metrics,
@@ -277,4 +282,21 @@ class CocoEvaluator:
           img_ids if img_ids is not None else self.coco_gt.getImgIds())
       with open(os.path.join(self.output_dir, 'metrics.json'), 'w') as f:
         json.dump(payload, f, indent=2)
+    self.metrics_result = metrics
     return metrics
+
+  def mask_scoring_report(self) -> Tuple[Dict[str, Any], str]:
+    """``mask_scoring_report`` of the added records (after ``evaluate``).
+
+    Reuses the segm metrics of the last ``evaluate`` call; writes
+    ``mask_scoring_report.json`` and the scatter PNG to ``output_dir``.
+
+    Returns:
+      ``(summary, log)`` as ``mask_scoring_report.mask_scoring_report``.
+    """
+    # Imported here: mask_scoring_report imports this module.
+    from msrcnn_jax.evaluation import mask_scoring_report as msr
+    return msr.mask_scoring_report(
+        self.coco_gt, self.records, self.category_ids,
+        output_dir=self.output_dir, metrics=self.metrics_result,
+        img_ids=self._img_ids())

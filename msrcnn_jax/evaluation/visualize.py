@@ -25,7 +25,8 @@ def draw_detections(image_rgb: np.ndarray, record: Dict[str, Any],
 
   Args:
     image_rgb: ``(H, W, 3)`` uint8 original image (the frame of the record:
-      ``ori_shape`` == (H, W)).
+      ``ori_shape`` == (H, W)); ``(H, W)`` grey and ``(H, W, 4)`` RGBA are
+      accepted (alpha dropped).
     record: per-image detection record (see ``coco_evaluator``): ``boxes``
       ``(K, 4)`` x1, y1, x2, y2 in original pixels, ``scores``, ``labels``,
       optional ``mask_iou`` ``(K,)`` and ``masks`` (K RLE dicts of size
@@ -39,6 +40,10 @@ def draw_detections(image_rgb: np.ndarray, record: Dict[str, Any],
     ``"<class> <box score> | mIoU <predicted MaskIoU>"`` per detection.
   """
   image = np.asarray(image_rgb)
+  if image.ndim == 2:  # grey
+    image = np.repeat(image[..., None], 3, axis=2)
+  if image.ndim == 3 and image.shape[2] == 4:  # RGBA: alpha dropped
+    image = image[..., :3]
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
     raise ValueError(f'expected (H, W, 3) uint8, got {image.shape} '
                      f'{image.dtype}')
