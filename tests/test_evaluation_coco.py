@@ -8,7 +8,6 @@ import os
 
 import numpy as np
 import pycocotools.mask as mask_util
-import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
