@@ -1,0 +1,403 @@
+"""Deterministic, host-sharded, bucketed train/eval batches (numpy).
+
+Train: every epoch ``e`` reorders the data with a permutation seeded by
+``(seed, e)``: inside each shape bucket (cfg.data.buckets, chosen from the
+image size alone) the images are shuffled and cut into *global* batches
+(the last one of a bucket is filled up with images from the start of the
+same shuffled bucket, as mmdetection's GroupSampler pads groups), then the
+global batches of all buckets are shuffled together. Global batch ``k`` of
+epoch ``e`` is training step ``e * steps_per_epoch + k``; host ``p`` of
+``P`` takes its slice ``[p * B, (p + 1) * B)``. So the data seen at a step
+depends only on (seed, step, global batch size), a resumed run sees the
+same data, and every batch has one static image shape. Flips are drawn per
+(seed, epoch, image).
+
+Eval: images in source order, grouped by bucket, cut into global batches of
+``B * P``; the last batch of a bucket is padded with copies of its first
+image marked ``valid = False``.
+
+Decoding and transforms run on a thread pool of ``cfg.data.num_workers``
+threads (cv2 and pycocotools release the GIL for the heavy parts) with
+``cfg.data.prefetch`` batches in flight.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from msrcnn_jax.data import coco as coco_lib
+from msrcnn_jax.data import image_io
+from msrcnn_jax.data import transforms
+
+logger = logging.getLogger(__name__)
+
+TRAIN_KEYS = ('image', 'img_shape', 'pad_shape', 'scale_factor', 'gt_boxes',
+              'gt_labels', 'gt_valid', 'gt_masks')
+EVAL_KEYS = ('image', 'img_shape', 'pad_shape', 'scale_factor', 'ori_shape',
+             'image_id', 'valid')
+
+
+# ---------------------------------------------------------------- sources
+def build_source(cfg, train: bool, split: str | None = None):
+  """The records of cfg.data.source ('coco' | 'tfds' | 'synthetic').
+
+  Args:
+    cfg: the full config.
+    train: the training split (filtered) or the evaluation split (all).
+    split: overrides cfg.data.train_split / val_split.
+  """
+  d = cfg.data
+  split = split or (d.train_split if train else d.val_split)
+  if d.source == 'synthetic':
+    from msrcnn_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    seed = d.synthetic.get('seed', 0) if hasattr(d.synthetic, 'get') else 0
+    return synthetic.SyntheticDataset('train' if train else 'val',
+                                      d.synthetic, seed)
+  if d.source == 'coco':
+    return coco_lib.CocoSource(d.coco_dir, split, train)
+  if d.source == 'tfds':
+    from msrcnn_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
+    return tfds_builder.TfdsSource(d.tfds_data_dir, split, train,
+                                   name=d.get('tfds_name',
+                                              'coco_instance_masks'))
+  raise ValueError(f'unknown cfg.data.source {d.source!r}')
+
+
+def image_sizes(source) -> np.ndarray:
+  """``(N, 2)`` (height, width) of every record of a source."""
+  if hasattr(source, 'image_sizes'):
+    return np.asarray(source.image_sizes()).reshape(-1, 2)
+  return np.array([[r['height'], r['width']] for r in source],
+                  np.int64).reshape(-1, 2)
+
+
+def _hosts(process_index, process_count):
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else (
+        process_index)
+    process_count = jax.process_count() if process_count is None else (
+        process_count)
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} not in '
+                     f'[0, {process_count})')
+  return int(process_index), int(process_count)
+
+
+def _bucket_ids(sizes: np.ndarray, data_cfg) -> np.ndarray:
+  buckets = [tuple(int(v) for v in b) for b in data_cfg.buckets]
+  return np.array([buckets.index(transforms.bucket_for_size(h, w, data_cfg))
+                   for h, w in sizes], np.int64)
+
+
+# -------------------------------------------------------------- examples
+def _load_image(rec) -> np.ndarray:
+  img = image_io.load_record_image(rec)
+  if img.shape[:2] != (int(rec['height']), int(rec['width'])):
+    raise ValueError(
+        f'image {rec.get("path") or rec.get("file_name")} decodes to '
+        f'{img.shape[:2]} but its annotation says (h, w) = '
+        f'({rec["height"]}, {rec["width"]}) (EXIF rotation?)')
+  return img
+
+
+def train_example(rec, data_cfg, flip: bool, bucket_hw):
+  """One training example from a record; see ``transforms.train_transform``."""
+  img = _load_image(rec)
+  return transforms.train_transform(
+      img, rec['boxes'], rec['labels'],
+      lambda: coco_lib.decode_masks(rec), data_cfg, flip, bucket_hw)
+
+
+def eval_example(rec, data_cfg, bucket_hw) -> dict[str, np.ndarray]:
+  """One evaluation example: ``transforms.test_transform`` + image_id."""
+  ex = transforms.test_transform(_load_image(rec), data_cfg, bucket_hw)
+  ex['image_id'] = np.int64(rec['image_id'])
+  return ex
+
+
+def _stack(examples: Sequence[dict[str, Any]], keys) -> dict[str, np.ndarray]:
+  return {k: np.stack([e[k] for e in examples]) for k in keys}
+
+
+class _Prefetcher:
+  """Runs per-example jobs of upcoming batches on a thread pool."""
+
+  def __init__(self, jobs_of: Callable[[int], list[Callable[[], Any]]],
+               start: int, stop: int | None, num_workers: int,
+               prefetch: int):
+    self._jobs_of = jobs_of
+    self._next = start
+    self._stop = stop
+    self._pool = (concurrent.futures.ThreadPoolExecutor(num_workers)
+                  if num_workers > 0 else None)
+    self._queue = collections.deque()
+    self._depth = max(int(prefetch), 0) + 1
+    self._fill()
+
+  def _fill(self):
+    while len(self._queue) < self._depth and (
+        self._stop is None or self._next < self._stop):
+      jobs = self._jobs_of(self._next)
+      if self._pool is None:
+        self._queue.append(jobs)
+      else:
+        self._queue.append([self._pool.submit(j) for j in jobs])
+      self._next += 1
+
+  def next_results(self) -> list[Any]:
+    if not self._queue:
+      self.close()
+      raise StopIteration
+    items = self._queue.popleft()
+    if self._pool is None:
+      results = [j() for j in items]
+    else:
+      results = [f.result() for f in items]
+    self._fill()
+    return results
+
+  def close(self):
+    if self._pool is not None:
+      for items in self._queue:
+        for f in items:
+          f.cancel()
+      self._queue.clear()
+      self._pool.shutdown(wait=False)
+      self._pool = None
+
+
+# ------------------------------------------------------------------ train
+class TrainPlan:
+  """Which records form each global batch (pure function of seed, step).
+
+  Args:
+    bucket_ids: ``(N,)`` bucket index of every record.
+    global_batch: images per step over all hosts.
+    seed: shuffling seed.
+  """
+
+  def __init__(self, bucket_ids: np.ndarray, global_batch: int, seed: int):
+    self.bucket_ids = np.asarray(bucket_ids)
+    self.global_batch = int(global_batch)
+    self.seed = int(seed)
+    if len(self.bucket_ids) == 0:
+      raise ValueError('the training source has no images')
+    self.buckets = sorted(set(self.bucket_ids.tolist()))
+    counts = [int((self.bucket_ids == b).sum()) for b in self.buckets]
+    self.steps_per_epoch = sum(-(-c // self.global_batch) for c in counts)
+    self._cache: dict[int, list[tuple[int, np.ndarray]]] = {}
+
+  def epoch_batches(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+    """``[(bucket index, (global_batch,) record indices)]`` of one epoch."""
+    if epoch not in self._cache:
+      rng = np.random.default_rng([self.seed, int(epoch)])
+      chunks = []
+      for b in self.buckets:
+        members = np.nonzero(self.bucket_ids == b)[0]
+        members = members[rng.permutation(len(members))]
+        n_chunks = -(-len(members) // self.global_batch)
+        filled = np.resize(members, n_chunks * self.global_batch)
+        chunks += [(b, c) for c in filled.reshape(n_chunks, -1)]
+      order = rng.permutation(len(chunks))
+      self._cache = {epoch: [chunks[i] for i in order]}
+    return self._cache[epoch]
+
+  def batch(self, step: int) -> tuple[int, int, np.ndarray]:
+    """(epoch, bucket index, global record indices) of a training step."""
+    epoch, k = divmod(int(step), self.steps_per_epoch)
+    b, idx = self.epoch_batches(epoch)[k]
+    return epoch, b, idx
+
+
+def flip_decision(seed: int, epoch: int, index: int, ratio: float) -> bool:
+  """The RandomFlip draw of record ``index`` in ``epoch``."""
+  if ratio <= 0:
+    return False
+  return bool(np.random.default_rng([int(seed), int(epoch), int(index), 7])
+              .random() < ratio)
+
+
+class TrainIterator:
+  """Infinite iterator of train batches (see ``make_train_iterator``).
+
+  Attributes:
+    step: the step of the next batch.
+    steps_per_epoch: global batches per epoch.
+    truncated_images: images seen so far with more than max_instances
+      instances (only the first max_instances were kept).
+  """
+
+  def __init__(self, cfg, source, batch_size_per_host: int, seed: int,
+               start_step: int, process_index: int, process_count: int):
+    self.data_cfg = cfg.data
+    self.source = source
+    self.batch_size = int(batch_size_per_host)
+    self.process_index, self.process_count = process_index, process_count
+    self.seed = int(seed)
+    self.buckets = [tuple(int(v) for v in b) for b in cfg.data.buckets]
+    self.plan = TrainPlan(_bucket_ids(image_sizes(source), cfg.data),
+                          self.batch_size * process_count, seed)
+    self.steps_per_epoch = self.plan.steps_per_epoch
+    self.step = int(start_step)
+    self.truncated_images = 0
+    self._warned = 0
+    self._prefetch = _Prefetcher(
+        self._jobs, self.step, None, int(cfg.data.get('num_workers', 0)),
+        int(cfg.data.get('prefetch', 1)))
+
+  def _jobs(self, step: int):
+    epoch, b, idx = self.plan.batch(step)
+    lo = self.process_index * self.batch_size
+    mine = idx[lo:lo + self.batch_size]
+    ratio = float(self.data_cfg.flip_ratio)
+    return [
+        (lambda i=int(i): train_example(
+            self.source[i], self.data_cfg,
+            flip_decision(self.seed, epoch, i, ratio), self.buckets[b]))
+        for i in mine]
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    results = self._prefetch.next_results()
+    self.step += 1
+    n_trunc = sum(t for _, t in results)
+    if n_trunc:
+      self.truncated_images += n_trunc
+      if self.truncated_images >= 2 * self._warned:
+        self._warned = self.truncated_images
+        logger.warning(
+            '%d training images so far had more than max_instances=%d '
+            'instances; only the first %d were kept',
+            self.truncated_images, self.data_cfg.max_instances,
+            self.data_cfg.max_instances)
+    return _stack([e for e, _ in results], TRAIN_KEYS)
+
+  def close(self):
+    self._prefetch.close()
+
+
+def make_train_iterator(cfg, source=None, batch_size_per_host: int = 2,
+                        seed: int = 0, start_step: int = 0,
+                        process_index: int | None = None,
+                        process_count: int | None = None) -> TrainIterator:
+  """Infinite, deterministic, resumable train batches of this host.
+
+  Args:
+    cfg: the full config (cfg.data is used).
+    source: records (list of dicts or an object with ``__len__`` /
+      ``__getitem__``, optionally ``image_sizes()``); default
+      ``build_source(cfg, train=True)``.
+    batch_size_per_host: images per batch on this host (B).
+    seed: shuffling / flip seed.
+    start_step: the step of the first batch (resume).
+    process_index, process_count: host id and count; default jax's.
+
+  Returns:
+    A ``TrainIterator`` whose batches are dicts: ``image (B, H, W, 3)
+    float32``, ``img_shape (B, 2) int32``, ``pad_shape (B, 2) int32``,
+    ``scale_factor (B, 4) float32``, ``gt_boxes (B, G, 4) float32``
+    (train scale, padding 0), ``gt_labels (B, G) int32``, ``gt_valid (B, G)
+    bool``, ``gt_masks (B, G, M, M) uint8`` (box-aligned crops). (H, W) is
+    the batch's bucket; G = max_instances, M = gt_mask_crop_size.
+  """
+  p, n = _hosts(process_index, process_count)
+  if source is None:
+    source = build_source(cfg, train=True)
+  return TrainIterator(cfg, source, batch_size_per_host, seed, start_step,
+                       p, n)
+
+
+# ------------------------------------------------------------------- eval
+def eval_plan(bucket_ids: np.ndarray, global_batch: int
+              ) -> list[tuple[int, np.ndarray]]:
+  """``[(bucket index, (global_batch,) record indices, -1 = padding)]``."""
+  plan = []
+  for b in sorted(set(np.asarray(bucket_ids).tolist())):
+    members = np.nonzero(bucket_ids == b)[0]
+    n_chunks = -(-len(members) // global_batch)
+    padded = np.full(n_chunks * global_batch, -1, np.int64)
+    padded[:len(members)] = members
+    plan += [(b, c) for c in padded.reshape(n_chunks, -1)]
+  return plan
+
+
+class EvalIterator:
+  """One pass over an evaluation source (see ``make_eval_iterator``)."""
+
+  def __init__(self, cfg, source, batch_size_per_host: int,
+               process_index: int, process_count: int):
+    self.data_cfg = cfg.data
+    self.source = source
+    self.batch_size = int(batch_size_per_host)
+    self.process_index = process_index
+    self.buckets = [tuple(int(v) for v in b) for b in cfg.data.buckets]
+    ids = _bucket_ids(image_sizes(source), cfg.data)
+    self.plan = eval_plan(ids, self.batch_size * process_count)
+    self.num_steps = len(self.plan)
+    self.num_images = len(ids)
+    self._prefetch = _Prefetcher(
+        self._jobs, 0, self.num_steps, int(cfg.data.get('num_workers', 0)),
+        int(cfg.data.get('prefetch', 1)))
+
+  def _jobs(self, step: int):
+    b, idx = self.plan[step]
+    lo = self.process_index * self.batch_size
+    first = int(idx[0])
+    jobs = []
+    for i in idx[lo:lo + self.batch_size]:
+      real = i >= 0
+      j = int(i) if real else first
+
+      def job(j=j, real=real):
+        ex = eval_example(self.source[j], self.data_cfg, self.buckets[b])
+        ex['valid'] = np.bool_(real)
+        return ex
+      jobs.append(job)
+    return jobs
+
+  def __len__(self) -> int:
+    return self.num_steps
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return _stack(self._prefetch.next_results(), EVAL_KEYS)
+
+  def close(self):
+    self._prefetch.close()
+
+
+def make_eval_iterator(cfg, source=None, batch_size_per_host: int | None = None,
+                       process_index: int | None = None,
+                       process_count: int | None = None) -> EvalIterator:
+  """One deterministic pass of evaluation batches of this host.
+
+  Every host runs the same number of steps with the same bucket shapes.
+
+  Args:
+    cfg: the full config.
+    source: records; default ``build_source(cfg, train=False)``.
+    batch_size_per_host: default cfg.test.batch_size.
+    process_index, process_count: host id and count; default jax's.
+
+  Returns:
+    An ``EvalIterator`` (``len`` = steps) of dicts: ``image (B, H, W, 3)
+    float32``, ``img_shape``, ``pad_shape``, ``ori_shape`` ``(B, 2) int32``,
+    ``scale_factor (B, 4) float32``, ``image_id (B,) int64``, ``valid (B,)
+    bool`` (False on padding entries, which repeat a real image).
+  """
+  p, n = _hosts(process_index, process_count)
+  if source is None:
+    source = build_source(cfg, train=False)
+  if batch_size_per_host is None:
+    batch_size_per_host = int(cfg.test.get('batch_size', 1))
+  return EvalIterator(cfg, source, batch_size_per_host, p, n)
