@@ -63,8 +63,9 @@ def nms_sorted(boxes: jnp.ndarray, valid: jnp.ndarray, iou_threshold: float,
   Args:
     boxes: ``(N, 4)`` float32 boxes, sorted by descending score (offsets, if
       any, already added).
-    valid: ``(N,)`` bool; invalid candidates must come after all valid ones
-      (they are neither kept nor suppress anything).
+    valid: ``(N,)`` bool; invalid candidates (anywhere in the list) are
+      neither kept nor suppress anything. The search stops after the last
+      valid one.
     iou_threshold: suppress when IoU > threshold (strict).
     max_output: static number of kept boxes to return; the search stops once
       this many are kept.
@@ -81,14 +82,15 @@ def nms_sorted(boxes: jnp.ndarray, valid: jnp.ndarray, iou_threshold: float,
   pad = nb * t - n
   boxes = jnp.pad(boxes.astype(jnp.float32), ((0, pad), (0, 0)))
   valid = jnp.pad(valid.astype(bool), (0, pad))
-  n_valid = jnp.sum(valid.astype(jnp.int32))
+  # One past the last valid position: blocks beyond it are skipped.
+  n_active = jnp.max(jnp.where(valid, jnp.arange(nb * t) + 1, 0))
   thr = jnp.float32(iou_threshold)
   lower = jnp.arange(t)[:, None] < jnp.arange(t)[None, :]  # [j, i]: j < i
   ar = jnp.arange(t, dtype=jnp.int32)
 
   def cond(state):
     b, count = state[0], state[1]
-    return (b < nb) & (count < k) & (b * t < n_valid)
+    return (b < nb) & (count < k) & (b * t < n_active)
 
   def body(state):
     b, count, kept_boxes, kept_mask, kept_pos = state
