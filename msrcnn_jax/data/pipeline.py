@@ -171,6 +171,12 @@ class _Prefetcher:
       self._pool.shutdown(wait=False)
       self._pool = None
 
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # pylint: disable=broad-except  # interpreter exit
+      pass
+
 
 # ------------------------------------------------------------------ train
 class TrainPlan:
