@@ -124,3 +124,34 @@ def test_maskiou_loss_matches_mmdet(tiny_set):
   want = 0.5 * np.mean((np.asarray(pred)[sel] - np.asarray(t)[sel]) ** 2)
   np.testing.assert_allclose(L.maskiou_loss(pred, t, valid), want, rtol=1e-6)
   assert float(L.maskiou_loss(pred, jnp.zeros((p,)), valid)) == 0.0
+
+
+def test_loss_gradients_are_finite_and_zero_on_padding():
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+  p = 6
+  valid = jnp.arange(p) < 4
+  labels = jnp.array([3, 0, 79, 5, 0, 0])
+  targets = (jax.random.uniform(k1, (p, 28, 28)) > 0.5).astype(jnp.float32)
+  iou_t = jnp.array([0.5, 0.0, 0.8, 0.3, 0.9, 0.9])
+
+  def total(mask_logits, iou_pred, cls, box):
+    m = L.select_class(mask_logits, labels)
+    out = L.mask_loss(m, targets, valid)
+    out += L.maskiou_loss(L.select_class(iou_pred, labels), iou_t, valid)
+    r = L.rcnn_loss(cls, box, jnp.where(valid, labels, 80),
+                    valid.astype(jnp.float32), jnp.ones((p, 4)),
+                    jnp.ones((p, 4)) * valid[:, None])
+    return out + r['loss_cls'] + r['loss_bbox']
+
+  args = (jax.random.normal(k2, (p, 28, 28, 80)),
+          jax.random.uniform(k3, (p, 80)), jnp.zeros((p, 81)),
+          jnp.zeros((p, 320)))
+  grads = jax.grad(total, argnums=(0, 1, 2, 3))(*args)
+  for g in grads:
+    assert np.isfinite(np.asarray(g)).all()
+    assert not np.asarray(g)[4:].any()
+  gm = np.asarray(grads[0])
+  # Only each RoI's GT-class channel gets a mask gradient.
+  assert gm[0, :, :, 3].any() and not np.delete(gm[0], 3, axis=-1).any()
+  # MaskIoU: RoI 1 has target 0 -> excluded.
+  assert not np.asarray(grads[1])[1].any() and np.asarray(grads[1])[0, 3]

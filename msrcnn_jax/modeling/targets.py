@@ -93,7 +93,9 @@ def rpn_targets(anchors: jnp.ndarray,
   if gt_boxes.shape[0] == 0:
     deltas = jnp.zeros((n, 4), jnp.float32)
   else:
-    deltas = encode_deltas(anchors, gt_boxes[gt_idx], stds=target_stds)
+    # Non-positives encode against themselves (finite; zeroed below).
+    matched = jnp.where(pos[:, None], gt_boxes[gt_idx], anchors)
+    deltas = encode_deltas(anchors, matched, stds=target_stds)
   deltas = jnp.where(pos[:, None], deltas, 0.0)
   posf = pos.astype(jnp.float32)
   return dict(
