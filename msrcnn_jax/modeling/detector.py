@@ -23,11 +23,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from msrcnn_jax.modeling import losses as losses_lib
+from msrcnn_jax.modeling import targets as targets_lib
 from msrcnn_jax.modeling.backbone import ResNet
 from msrcnn_jax.modeling.fpn import FPN
 from msrcnn_jax.modeling.heads.box_postprocess import get_detections
 from msrcnn_jax.modeling.roi_heads import MaskScoringRoIHead
 from msrcnn_jax.modeling.rpn import RPNHead, get_proposals
+from msrcnn_jax.ops import anchors as anchors_lib
 from msrcnn_jax.ops.roi_align import multilevel_roi_align
 
 
@@ -91,9 +94,16 @@ class MaskScoringRCNN(nn.Module):
 
     Boxes are in test (resized image) pixels; ``N = max_per_img``.
     """
+    cls, reg = self.rpn(feats)
+    return self._proposals_from_maps(cls, reg, img_shape, pad_shape, train)
+
+  def _proposals_from_maps(self, cls, reg, img_shape, pad_shape, train):
     m = self.config.model
     cfg = self.config.train.rpn_proposal if train else self.config.test.rpn
-    cls, reg = self.rpn(feats)
+    # Box decoding and NMS always run in float32 (bf16 cannot hold pixel
+    # coordinates of a 1333-pixel image).
+    cls = [c.astype(jnp.float32) for c in cls]
+    reg = [r.astype(jnp.float32) for r in reg]
     return get_proposals(
         cls, reg, img_shape=img_shape, pad_shape=pad_shape,
         strides=tuple(m.rpn_head.anchor_strides),
@@ -138,6 +148,8 @@ class MaskScoringRCNN(nn.Module):
     bbox_feats = self.roi_features(feats, rois, pad_shape,
                                    r.bbox_roi_extractor.output_size)
     cls_logits, deltas = self.roi_head.box(bbox_feats)
+    cls_logits = cls_logits.astype(jnp.float32)
+    deltas = deltas.astype(jnp.float32)
     det = get_detections(
         rois, roi_valid, cls_logits, deltas, img_shape=img_shape,
         scale_factor=scale_factor, score_thr=rc.score_thr,
@@ -152,6 +164,8 @@ class MaskScoringRCNN(nn.Module):
                                    r.mask_roi_extractor.output_size)
     mask_logits = take_class(self.roi_head.mask(mask_feats), labels)
     mask_iou_all = self.roi_head.mask_iou(mask_feats, mask_logits)
+    mask_logits = mask_logits.astype(jnp.float32)
+    mask_iou_all = mask_iou_all.astype(jnp.float32)
     mask_iou = take_class(mask_iou_all, labels)
     vf = valid.astype(mask_iou.dtype)
     out = dict(
@@ -170,6 +184,137 @@ class MaskScoringRCNN(nn.Module):
                  bbox_deltas=deltas, mask_rois=mask_rois,
                  features=feats)
     return out
+
+  # ------------------------------------------------------------- training
+  def losses(self, batch: dict[str, jnp.ndarray], rng: jax.Array,
+             sampled: dict[str, Any] | None = None
+             ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    """Training losses of a batch (spec §3), all on device, static shapes.
+
+    Args:
+      batch: ``image (B, H, W, 3)``, ``img_shape``/``pad_shape (B, 2)``,
+        ``gt_boxes (B, G, 4)`` train-scale, ``gt_labels (B, G)``,
+        ``gt_valid (B, G)``, ``gt_masks (B, G, M, M)`` box-aligned crops;
+        optional ``gt_mask_frames (B, G, 4)``: the box each crop covers
+        (default ``gt_boxes``; the whole padded image for full bitmaps).
+      rng: PRNG key of the RPN and R-CNN samplers.
+      sampled: optional fixed samples instead of random draws (parity
+        tests): ``rpn``/``rcnn`` = ``(indices, is_pos, valid)`` batched as
+        ``targets.rpn_targets``/``rcnn_targets`` take them, and optionally
+        ``proposals``/``proposal_valid`` to replace the RPN's proposals.
+
+    Returns:
+      ``(total_loss, metrics)``; metrics hold every loss term and
+      ``rcnn_acc``, ``num_rpn_pos``, ``num_rcnn_pos``.
+    """
+    m, t = self.config.model, self.config.train
+    rh = m.roi_head
+    num_classes = rh.bbox_head.num_classes
+    img_shape, pad_shape = batch['img_shape'], batch['pad_shape']
+    gt_boxes = batch['gt_boxes'].astype(jnp.float32)
+    gt_labels = batch['gt_labels'].astype(jnp.int32)
+    gt_valid = batch['gt_valid'].astype(bool)
+    gt_masks = batch['gt_masks']
+    frames = batch.get('gt_mask_frames', gt_boxes)
+    bsz = gt_boxes.shape[0]
+    rng_rpn, rng_rcnn = jax.random.split(rng)
+    sampled = sampled or {}
+
+    feats = self.features(batch['image'], pad_shape)
+    cls, reg = self.rpn(feats)
+
+    # RPN: anchor targets and loss (spec §3.1).
+    strides = tuple(m.rpn_head.anchor_strides)
+    feat_sizes = [tuple(c.shape[1:3]) for c in cls]
+    anchors = jnp.concatenate(anchors_lib.multilevel_anchors(
+        feat_sizes, strides, tuple(m.rpn_head.anchor_scales),
+        tuple(m.rpn_head.anchor_ratios)))
+    num_anchors = cls[0].shape[-1]
+    vflags = anchors_lib.valid_flags(feat_sizes, pad_shape, strides,
+                                     num_anchors)
+    rpn_cfg = t.rpn
+
+    def rpn_one(vf, gb, gv, key, smp):
+      return targets_lib.rpn_targets(
+          anchors, vf, gb, gv, rng=key, sampled=smp,
+          pos_iou_thr=rpn_cfg.pos_iou_thr, neg_iou_thr=rpn_cfg.neg_iou_thr,
+          min_pos_iou=rpn_cfg.min_pos_iou,
+          num_samples=rpn_cfg.num_samples,
+          pos_fraction=rpn_cfg.pos_fraction,
+          target_stds=tuple(m.rpn_head.target_stds))
+    rpn_t = jax.vmap(rpn_one)(vflags, gt_boxes, gt_valid,
+                              jax.random.split(rng_rpn, bsz),
+                              sampled.get('rpn'))
+    rpn_l = losses_lib.rpn_loss(cls, reg, rpn_t['labels'],
+                                rpn_t['label_weights'],
+                                rpn_t['bbox_targets'], rpn_t['bbox_weights'])
+
+    # Proposals (detached) and R-CNN sampling (spec §3.2).
+    if 'proposals' in sampled:
+      props = sampled['proposals']
+      prop_valid = sampled['proposal_valid']
+    else:
+      props, _, prop_valid = self._proposals_from_maps(
+          cls, reg, img_shape, pad_shape, train=True)
+    rc_cfg = t.rcnn
+
+    def rcnn_one(p, pv, gb, gl, gv, key, smp):
+      return targets_lib.rcnn_targets(
+          p, pv, gb, gl, gv, rng=key, sampled=smp,
+          pos_iou_thr=rc_cfg.pos_iou_thr, neg_iou_thr=rc_cfg.neg_iou_thr,
+          min_pos_iou=rc_cfg.min_pos_iou, num_samples=rc_cfg.num_samples,
+          pos_fraction=rc_cfg.pos_fraction, num_classes=num_classes,
+          target_stds=tuple(rh.bbox_head.target_stds))
+    rc = jax.vmap(rcnn_one)(props, prop_valid, gt_boxes, gt_labels, gt_valid,
+                            jax.random.split(rng_rcnn, bsz),
+                            sampled.get('rcnn'))
+    bbox_feats = self.roi_features(feats, rc['rois'], pad_shape,
+                                   rh.bbox_roi_extractor.output_size)
+    cls_logits, deltas = self.roi_head.box(bbox_feats)
+    rcnn_l = losses_lib.rcnn_loss(cls_logits, deltas, rc['labels'],
+                                  rc['label_weights'], rc['bbox_targets'],
+                                  rc['bbox_weights'], num_classes)
+
+    # Mask and MaskIoU heads on the positives, which always sit in the first
+    # num_samples * pos_fraction slots (spec §3.3, §3.4).
+    npos = int(rc_cfg.num_samples * rc_cfg.pos_fraction)
+    pos_rois = rc['rois'][:, :npos]
+    pos_valid = rc['is_pos'][:, :npos]
+    pos_gt = rc['pos_assigned_gt'][:, :npos]
+    pos_labels = jnp.where(pos_valid, rc['labels'][:, :npos], 0)
+    mask_feats = self.roi_features(feats, pos_rois, pad_shape,
+                                   rh.mask_roi_extractor.output_size)
+    mask_logits = take_class(self.roi_head.mask(mask_feats), pos_labels)
+    mask_t = jax.vmap(
+        lambda r, g, gm, fr, ps, v: targets_lib.mask_targets(
+            r, g, gm, fr, ps, mask_size=rc_cfg.mask_size, valid=v))(
+                pos_rois, pos_gt, gt_masks, frames, pad_shape, pos_valid)
+    loss_mask = losses_lib.mask_loss(mask_logits, mask_t, pos_valid)
+    iou_pred = take_class(self.roi_head.mask_iou(mask_feats, mask_logits),
+                          pos_labels)
+    iou_t = jax.vmap(
+        lambda r, g, ml, mt, gm, fr, ps, v: targets_lib.maskiou_targets(
+            r, g, ml, mt, gm, fr, ps, valid=v,
+            mask_thr_binary=rc_cfg.mask_thr_binary))(
+                pos_rois, pos_gt, jax.lax.stop_gradient(
+                    mask_logits.astype(jnp.float32)), mask_t, gt_masks,
+                frames, pad_shape, pos_valid)
+    lw = t.loss_weights
+    loss_mask_iou = losses_lib.maskiou_loss(iou_pred, iou_t, pos_valid,
+                                            loss_weight=lw.mask_iou)
+    metrics = dict(
+        loss_rpn_cls=lw.rpn_cls * rpn_l['loss_rpn_cls'],
+        loss_rpn_bbox=lw.rpn_bbox * rpn_l['loss_rpn_bbox'],
+        loss_cls=lw.cls * rcnn_l['loss_cls'],
+        loss_bbox=lw.bbox * rcnn_l['loss_bbox'],
+        loss_mask=lw.mask * loss_mask,
+        loss_mask_iou=loss_mask_iou)
+    total = sum(metrics.values())
+    metrics.update(
+        rcnn_acc=rcnn_l['acc'],
+        num_rpn_pos=jnp.mean(rpn_t['num_pos'].astype(jnp.float32)),
+        num_rcnn_pos=jnp.mean(jnp.sum(pos_valid, -1).astype(jnp.float32)))
+    return total, metrics
 
   def init_all(self, images, pad_shape):
     """Touches every submodule once so ``init`` creates every parameter."""

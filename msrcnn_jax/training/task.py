@@ -1,0 +1,117 @@
+"""The detector as a training task: init, loss, trainable mask, evaluation.
+
+``train_and_evaluate`` (``training/trainer.py``) drives any object with this
+interface; ``DetectorTask`` is Mask Scoring R-CNN's.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from msrcnn_jax.modeling.detector import MaskScoringRCNN, init_variables
+from msrcnn_jax.training import optimizer as optimizer_lib
+
+
+def cast_floats(tree: Any, dtype) -> Any:
+  """Casts the floating leaves of ``tree`` to ``dtype``."""
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+      else x, tree)
+
+
+class DetectorTask:
+  """Mask Scoring R-CNN training task.
+
+  Args:
+    config: the full config.
+    workdir: where evaluation writes metrics, reports and pictures.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict,
+               workdir: str | None = None):
+    self.config = config
+    self.workdir = workdir
+    self.model = MaskScoringRCNN(config)
+    self._predictor = None
+    self._eval_source = None
+
+  def init_variables(self, rng: jax.Array, batch: Any = None) -> dict:
+    """Random ``{'params', 'batch_stats'}`` (shapes do not depend on batch)."""
+    del batch
+    return init_variables(self.config, rng)
+
+  def loss_fn(self, params, batch_stats, batch, rng, compute_dtype=jnp.float32):
+    """``(total loss, metrics)`` of a batch; parameters cast to the compute
+    dtype (their float32 masters stay with the optimizer)."""
+    dtype = jnp.dtype(compute_dtype)
+    variables = {'params': cast_floats(params, dtype),
+                 'batch_stats': cast_floats(batch_stats, dtype)}
+    batch = dict(batch)
+    batch['image'] = batch['image'].astype(dtype)
+    return self.model.apply(variables, batch, rng,
+                            method=MaskScoringRCNN.losses)
+
+  def frozen_mask(self, params) -> Any:
+    """True where mmdetection trains the parameter (frozen stages, BN)."""
+    return optimizer_lib.trainable_mask_from_config(params, self.config)
+
+  def eval_fn(self, state) -> dict[str, float]:
+    """COCO evaluation of ``state`` on the config's evaluation split.
+
+    Writes ``metrics.json``, the results files, the mask-scoring report and
+    ``config.num_vis_images`` pictures to ``<workdir>/eval``; returns the
+    scalar metrics (mmdetection's names plus the mask-scoring correlations).
+    """
+    from msrcnn_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    from msrcnn_jax.evaluate import evaluate_model  # pylint: disable=g-import-not-at-top
+    from msrcnn_jax.inference import Predictor  # pylint: disable=g-import-not-at-top
+    variables = jax.device_get({'params': state.params,
+                                'batch_stats': state.batch_stats})
+    if self._eval_source is None:
+      self._eval_source = pipeline.build_source(self.config, train=False)
+    if self._predictor is None:
+      self._predictor = Predictor(self.config, variables)
+    self._predictor.variables = variables
+    out_dir = os.path.join(self.workdir or '.', 'eval')
+    os.makedirs(out_dir, exist_ok=True)
+    metrics, records = evaluate_model(
+        self.config, variables, out_dir, source=self._eval_source,
+        progress=jax.process_index() == 0, predictor=self._predictor)
+    n_vis = int(self.config.get('num_vis_images', 0))
+    if n_vis and jax.process_index() == 0:
+      self._visualize(records[:n_vis], out_dir)
+    flat = {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for k, v in (metrics.get('mask_scoring') or {}).items():
+      if isinstance(v, (int, float)) and v is not None:
+        flat[f'mask_scoring/{k}'] = float(v)
+    return flat
+
+  def _visualize(self, records, out_dir):
+    from msrcnn_jax.data import image_io  # pylint: disable=g-import-not-at-top
+    from msrcnn_jax.evaluation import visualize  # pylint: disable=g-import-not-at-top
+    by_id = {}
+    src = self._eval_source
+    for i in range(len(src)):
+      if len(by_id) == len(records):
+        break
+      rec = src[i]
+      by_id[int(rec['image_id'])] = rec
+    names = getattr(src, 'class_names', self.config.data.class_names)
+    vis_dir = os.path.join(out_dir, 'vis')
+    os.makedirs(vis_dir, exist_ok=True)
+    for r in records:
+      src_rec = by_id.get(int(r['image_id']))
+      if src_rec is None:
+        continue
+      rgb = image_io.load_record_image(src_rec)[..., ::-1]
+      path = os.path.join(vis_dir, f'{int(r["image_id"]):06d}.png')
+      visualize.save_visualization(path, rgb, r, class_names=names,
+                                   score_thr=0.3)
+    logging.info('Wrote %d pictures to %s', len(records), vis_dir)
