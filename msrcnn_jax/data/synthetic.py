@@ -108,11 +108,14 @@ def generate(rng: np.random.Generator, height: int, width: int,
                   0, 360, 1, -1)
     else:
       cv2.fillPoly(shape, [np.round(poly).astype(np.int32)], 1)
-    inside = shape.astype(bool)
     colour = rng.uniform(0, 255, 3)
-    texture = rng.normal(0, rng.uniform(2, 12), (height, width, 3))
-    img[inside] = (colour + texture)[inside]
-    owner[inside] = k
+    sigma = rng.uniform(2, 12)
+    x, y, w, h = cv2.boundingRect(shape)
+    if w and h:  # texture noise drawn only over the shape's bounding box
+      inside = shape[y:y + h, x:x + w].astype(bool)
+      texture = colour + rng.normal(0, sigma, (h, w, 3))
+      img[y:y + h, x:x + w][inside] = texture[inside]
+      owner[y:y + h, x:x + w][inside] = k
     classes.append(cls)
   img = np.clip(np.round(img), 0, 255).astype(np.uint8)
   masks, boxes, labels = [], [], []

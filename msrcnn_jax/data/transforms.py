@@ -181,8 +181,8 @@ def resize_masks_nearest(masks: np.ndarray, new_w: int,
 
 
 # ---------------------------------------------------- box-aligned crops
-def _axis_weights(c1: float, c2: float, size: int, extent: int):
-  """Separable RoIAlign (aligned=True, scale 1, adaptive) weights on one axis.
+def _axis_samples(c1: float, c2: float, size: int, extent: int):
+  """Separable RoIAlign (aligned=True, scale 1, adaptive) samples on one axis.
 
   Mirrors mmcv's CPU ``roi_align`` position arithmetic in float32: start =
   c1 - 0.5, bin = (c2 - c1) / size, grid = ceil((c2 - c1) / size), sample
@@ -191,8 +191,10 @@ def _axis_weights(c1: float, c2: float, size: int, extent: int):
   and split linearly between its two neighbours.
 
   Returns:
-    (weights (size, n) float64 summed over the bin's samples, first index
-    of the window, grid count). ``n`` covers every index with a weight.
+    (low, high) int64 ``(size, grid)`` indices relative to ``first``,
+    (w_low, w_high) float64 ``(size, grid)`` weights, ``first``, ``n`` (the
+    window length covering every index) and ``grid``; grid 0 for an empty
+    box.
   """
   f32 = np.float32
   start = f32(c1) - f32(0.5)
@@ -200,7 +202,7 @@ def _axis_weights(c1: float, c2: float, size: int, extent: int):
   bin_sz = length / f32(size)
   grid = int(np.ceil(length / f32(size))) if length > 0 else 0
   if grid == 0:
-    return np.zeros((size, 1)), 0, 0
+    return None, None, None, None, 0, 0, 0
   p = np.arange(size, dtype=f32)[:, None]
   k = np.arange(grid, dtype=f32)[None, :]
   pos = start + p * bin_sz + (k + f32(0.5)) * bin_sz / f32(grid)
@@ -215,17 +217,17 @@ def _axis_weights(c1: float, c2: float, size: int, extent: int):
   w_high = np.where(valid, frac, 0).astype(np.float64)
   first = int(low.min())
   n = int(high.max()) - first + 1
-  weights = np.zeros((size, n))
-  rows = np.broadcast_to(np.arange(size)[:, None], low.shape)
-  np.add.at(weights, (rows, low - first), w_low)
-  np.add.at(weights, (rows, high - first), w_high)
-  return weights, first, grid
+  return low - first, high - first, w_low, w_high, first, n, grid
 
 
 def crop_mask_window(fetch: Callable[[int, int, int, int], np.ndarray],
                      box: Sequence[float], size: int,
                      mask_hw: Sequence[int]) -> np.ndarray:
   """One instance's box-aligned crop from a lazily fetched bitmap window.
+
+  The bilinear sampling is separable, so the bin averages are computed as
+  gathers along rows, then along columns (no BLAS: data workers must not
+  spawn BLAS threads).
 
   Args:
     fetch: ``fetch(r0, r1, c0, c1)`` returns rows r0:r1, cols c0:c1 of the
@@ -238,13 +240,17 @@ def crop_mask_window(fetch: Callable[[int, int, int, int], np.ndarray],
     ``(M, M)`` uint8 {0, 1}: RoIAlign average of each bin >= 0.5.
   """
   x1, y1, x2, y2 = (float(v) for v in box)
-  wy, r0, gy = _axis_weights(y1, y2, size, int(mask_hw[0]))
-  wx, c0, gx = _axis_weights(x1, x2, size, int(mask_hw[1]))
+  ylo, yhi, wyl, wyh, r0, nr, gy = _axis_samples(y1, y2, size,
+                                                 int(mask_hw[0]))
+  xlo, xhi, wxl, wxh, c0, nc, gx = _axis_samples(x1, x2, size,
+                                                 int(mask_hw[1]))
   if gy == 0 or gx == 0:
     return np.zeros((size, size), np.uint8)
-  window = fetch(r0, r0 + wy.shape[1], c0, c0 + wx.shape[1])
-  avg = (wy @ window.astype(np.float64) @ wx.T) / (gy * gx)
-  return (avg >= 0.5).astype(np.uint8)
+  win = fetch(r0, r0 + nr, c0, c0 + nc).astype(np.float64)
+  # Rows: (M, gy, nc) -> (M, nc); then columns: (M, M, gx) -> (M, M).
+  rows = (win[ylo] * wyl[..., None] + win[yhi] * wyh[..., None]).sum(1)
+  total = (rows[:, xlo] * wxl + rows[:, xhi] * wxh).sum(-1)
+  return (total / (gy * gx) >= 0.5).astype(np.uint8)
 
 
 def crop_masks_to_boxes(masks: np.ndarray, boxes: np.ndarray,
@@ -315,7 +321,7 @@ def train_transform(img_bgr: np.ndarray, boxes: np.ndarray,
     bucket_hw = choose_bucket(pad, data_cfg.buckets)
   img = resize_image(img_bgr, new_w, new_h)
   if flip:
-    img = np.ascontiguousarray(img[:, ::-1])
+    img = cv2.flip(img, 1)  # horizontal, == img[:, ::-1]
   img = normalize(img, data_cfg.mean, data_cfg.std, data_cfg.to_rgb)
 
   g_max = int(data_cfg.max_instances)
