@@ -151,6 +151,16 @@ def test_tfds_round_trip(tiny_coco, tmp_path):
                                     coco.decode_masks(b))
       np.testing.assert_array_equal(image_io.load_record_image(a),
                                     image_io.load_record_image(b))
+  # The evaluation ground truth keeps every annotation (crowd included).
+  ref_gt, got_gt = ref.coco, got.coco
+  assert sorted(got_gt.getImgIds()) == sorted(ref_gt.getImgIds())
+  for img_id in ref_gt.getImgIds():
+    ra = ref_gt.loadAnns(ref_gt.getAnnIds(imgIds=[img_id]))
+    ga = got_gt.loadAnns(got_gt.getAnnIds(imgIds=[img_id]))
+    assert [(a['category_id'], a['iscrowd'], a['bbox']) for a in ra] == [
+        (a['category_id'], int(a['iscrowd']), a['bbox']) for a in ga]
+    for x, y in zip(ra, ga):
+      np.testing.assert_array_equal(ref_gt.annToMask(x), got_gt.annToMask(y))
 
 
 # --------------------------------------------------------------- pipeline

@@ -290,20 +290,28 @@ class TrainIterator:
     self._prefetch.close()
 
 
-def make_train_iterator(cfg, source=None, batch_size_per_host: int = 2,
-                        seed: int = 0, start_step: int = 0,
+def make_train_iterator(cfg, source=None,
+                        batch_size_per_host: int | None = None,
+                        seed: int | None = None, start_step: int = 0,
                         process_index: int | None = None,
                         process_count: int | None = None) -> TrainIterator:
   """Infinite, deterministic, resumable train batches of this host.
+
+  Also usable as the trainer's ``train_iter_fn(config, start_step)``: an
+  integer second argument is taken as ``start_step`` (source from the
+  config, batch = cfg.train.global_batch_size / process_count, seed =
+  cfg.seed).
 
   Args:
     cfg: the full config (cfg.data is used).
     source: records (list of dicts or an object with ``__len__`` /
       ``__getitem__``, optionally ``image_sizes()``); default
       ``build_source(cfg, train=True)``.
-    batch_size_per_host: images per batch on this host (B).
-    seed: shuffling / flip seed.
-    start_step: the step of the first batch (resume).
+    batch_size_per_host: images per batch on this host (B); default
+      cfg.train.global_batch_size // process_count.
+    seed: shuffling / flip seed; default cfg.seed.
+    start_step: the step of the first batch (resume): the data of step s
+      is global batch s of the epoch-seeded order.
     process_index, process_count: host id and count; default jax's.
 
   Returns:
@@ -314,9 +322,19 @@ def make_train_iterator(cfg, source=None, batch_size_per_host: int = 2,
     bool``, ``gt_masks (B, G, M, M) uint8`` (box-aligned crops). (H, W) is
     the batch's bucket; G = max_instances, M = gt_mask_crop_size.
   """
+  if isinstance(source, (int, np.integer)) and not isinstance(source, bool):
+    start_step, source = int(source), None
   p, n = _hosts(process_index, process_count)
   if source is None:
     source = build_source(cfg, train=True)
+  if batch_size_per_host is None:
+    global_batch = int(cfg.train.global_batch_size)
+    if global_batch % n:
+      raise ValueError(f'global batch {global_batch} is not divisible by '
+                       f'{n} hosts')
+    batch_size_per_host = global_batch // n
+  if seed is None:
+    seed = int(cfg.get('seed', 0))
   return TrainIterator(cfg, source, batch_size_per_host, seed, start_step,
                        p, n)
 

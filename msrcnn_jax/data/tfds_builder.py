@@ -180,7 +180,7 @@ def _example_to_record(ex, h, w):
     anns.append(dict(
         bbox=[float(v) for v in obj['bbox'][k]], area=float(obj['area'][k]),
         category_id=int(obj['category_id'][k]),
-        iscrowd=bool(obj['is_crowd'][k]), ignore=bool(obj['ignore'][k]),
+        iscrowd=int(obj['is_crowd'][k]), ignore=bool(obj['ignore'][k]),
         segmentation=dict(size=[h, w], counts=rle.decode('ascii')
                           if isinstance(rle, bytes) else str(rle))))
   return anns
@@ -224,20 +224,43 @@ class TfdsSource:
     except Exception:  # pylint: disable=broad-except  # not array_record
       self._examples = list(tfds.as_numpy(self.builder.as_dataset(split)))
     self.records = []
+    self._images, self._anns = [], []
+    self._coco = None
     for i in range(len(self._examples)):
       ex = self._examples[i]
       h, w = int(ex['height']), int(ex['width'])
       anns = _example_to_record(ex, h, w)
+      fname = ex['file_name']
+      fname = fname.decode() if isinstance(fname, bytes) else fname
+      self._images.append(dict(id=int(ex['image_id']), file_name=fname,
+                               height=h, width=w))
+      for a in anns:
+        self._anns.append(dict(a, id=len(self._anns) + 1,
+                               image_id=int(ex['image_id'])))
       boxes, labels, segs, _ = coco_lib.parse_annotations(
           anns, h, w, cat2label)
       if train and (len(labels) == 0 or min(h, w) < min_size):
         continue
-      fname = ex['file_name']
       self.records.append(dict(
-          image_id=int(ex['image_id']),
-          file_name=fname.decode() if isinstance(fname, bytes) else fname,
+          image_id=int(ex['image_id']), file_name=fname,
           path=None, height=h, width=w, boxes=boxes, labels=labels,
           segmentations=segs, _index=i))
+
+  @property
+  def coco(self):
+    """pycocotools ``COCO`` ground truth of the whole split (crowd
+    annotations included, as the original annotation file), for evaluation.
+    """
+    if self._coco is None:
+      from pycocotools.coco import COCO  # pylint: disable=g-import-not-at-top
+      coco = COCO()
+      coco.dataset = dict(
+          images=list(self._images), annotations=list(self._anns),
+          categories=[dict(id=c, name=n) for c, n in
+                      zip(self.cat_ids, self.class_names)])
+      coco.createIndex()
+      self._coco = coco
+    return self._coco
 
   def __len__(self) -> int:
     return len(self.records)
