@@ -16,6 +16,7 @@ are refused with an explanation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pickle
 import re
@@ -90,6 +91,7 @@ class ConversionReport:
     lines = []
     if self.source:
       lines.append(f'source: {self.source}')
+    lines.extend(f'note: {n}' for n in self.notes)
     lines.append(f'tensors mapped: {len(self.mapped)} '
                  f'({self.num_params:,} parameters in params)')
     lines.append(f'ignored: {len(self.ignored)} (num_batches_tracked: '
@@ -106,7 +108,6 @@ class ConversionReport:
     lines.append(f'mis-shaped: {len(self.mis_shaped)}')
     lines.extend(f'  mis-shaped: {k} -> {p}: checkpoint {tuple(s)} vs '
                  f'model {tuple(e)}' for k, p, s, e in self.mis_shaped)
-    lines.extend(f'note: {n}' for n in self.notes)
     return '\n'.join(lines)
 
 
@@ -148,7 +149,26 @@ def expected_variable_shapes(config, backbone_only: bool = False
     'batch_stats/backbone/bn1/mean': (64,), ...}``.
   """
   m = config.model if hasattr(config, 'model') else config
-  bb = m.backbone
+  bb, neck, rpn, rh = m.backbone, m.neck, m.rpn_head, m.roi_head
+  bh, mh, ih = rh.bbox_head, rh.mask_head, rh.mask_iou_head
+  key = (
+      (bb.depth, bb.style, bb.groups, bb.base_width, bb.base_channels,
+       bb.frozen_stages, bb.bn_eps),
+      (tuple(neck.in_channels), neck.out_channels, neck.num_outs),
+      (rpn.in_channels, rpn.feat_channels,
+       len(rpn.anchor_scales) * len(rpn.anchor_ratios)),
+      (bh.roi_feat_size, bh.in_channels, bh.fc_out_channels, bh.num_classes),
+      (rh.mask_roi_extractor.output_size, mh.in_channels, mh.num_convs,
+       mh.conv_out_channels, mh.num_classes),
+      (ih.roi_feat_size, ih.in_channels, ih.num_convs, ih.num_fcs,
+       ih.conv_out_channels, ih.fc_out_channels, ih.num_classes))
+  return dict(_expected_shapes(key, backbone_only))
+
+
+@functools.lru_cache(maxsize=32)
+def _expected_shapes(key, backbone_only: bool) -> Dict[str, Shape]:
+  """``expected_variable_shapes`` on the hashable architecture ``key``."""
+  bb, neck, rpn, bh, mh, ih = key
   out: Dict[str, Shape] = {}
 
   def add(scope: str, shapes):
@@ -156,47 +176,41 @@ def expected_variable_shapes(config, backbone_only: bool = False
       for path, shape in flat.items():
         out[f'{col}/{scope}/{path}'] = shape
 
-  backbone = ResNet(depth=bb.depth, style=bb.style, groups=bb.groups,
-                    base_width=bb.base_width, base_channels=bb.base_channels,
-                    frozen_stages=bb.frozen_stages, bn_eps=bb.bn_eps)
+  depth, style, groups, base_width, base_channels, frozen, eps = bb
+  backbone = ResNet(depth=depth, style=style, groups=groups,
+                    base_width=base_width, base_channels=base_channels,
+                    frozen_stages=frozen, bn_eps=eps)
   x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
   hw = jax.ShapeDtypeStruct((1, 2), jnp.int32)
   add('backbone', _shapes_of(backbone, x, hw))
   if backbone_only:
     return out
 
-  neck = m.neck
+  in_channels, out_channels, num_outs = neck
   feats = [jax.ShapeDtypeStruct((1, 8 // 2**i, 8 // 2**i, c), jnp.float32)
-           for i, c in enumerate(neck.in_channels)]
-  add('neck', _shapes_of(FPN(tuple(neck.in_channels), neck.out_channels,
-                             neck.num_outs), feats, hw))
+           for i, c in enumerate(in_channels)]
+  add('neck', _shapes_of(FPN(in_channels, out_channels, num_outs), feats,
+                         hw))
 
-  rpn = m.rpn_head
-  c, f = rpn.in_channels, rpn.feat_channels
-  a = len(rpn.anchor_scales) * len(rpn.anchor_ratios)
+  c, f, a = rpn
   for name, shape in (('rpn_conv', (3, 3, c, f)), ('rpn_cls', (1, 1, f, a)),
                       ('rpn_reg', (1, 1, f, 4 * a))):
     out[f'params/rpn_head/{name}/kernel'] = shape
     out[f'params/rpn_head/{name}/bias'] = (shape[-1],)
 
-  rh = m.roi_head
-  bh = rh.bbox_head
-  s = bh.roi_feat_size
+  s, c, fc, num_classes = bh
   add('roi_head/bbox_head', _shapes_of(
-      Shared2FCBBoxHead(bh.fc_out_channels, bh.num_classes),
-      jax.ShapeDtypeStruct((1, s, s, bh.in_channels), jnp.float32)))
-  mh = rh.mask_head
-  size = rh.mask_roi_extractor.output_size
+      Shared2FCBBoxHead(fc, num_classes),
+      jax.ShapeDtypeStruct((1, s, s, c), jnp.float32)))
+  s, c, num_convs, conv_out, num_classes = mh
   add('roi_head/mask_head', _shapes_of(
-      FCNMaskHead(mh.num_convs, mh.conv_out_channels, mh.num_classes),
-      jax.ShapeDtypeStruct((1, size, size, mh.in_channels), jnp.float32)))
-  ih = rh.mask_iou_head
-  size = ih.roi_feat_size
+      FCNMaskHead(num_convs, conv_out, num_classes),
+      jax.ShapeDtypeStruct((1, s, s, c), jnp.float32)))
+  s, c, num_convs, num_fcs, conv_out, fc, num_classes = ih
   add('roi_head/mask_iou_head', _shapes_of(
-      MaskIoUHead(ih.num_convs, ih.num_fcs, ih.conv_out_channels,
-                  ih.fc_out_channels, ih.num_classes),
-      jax.ShapeDtypeStruct((1, size, size, ih.in_channels), jnp.float32),
-      jax.ShapeDtypeStruct((1, 2 * size, 2 * size), jnp.float32)))
+      MaskIoUHead(num_convs, num_fcs, conv_out, fc, num_classes),
+      jax.ShapeDtypeStruct((1, s, s, c), jnp.float32),
+      jax.ShapeDtypeStruct((1, 2 * s, 2 * s), jnp.float32)))
   return out
 
 
@@ -285,7 +299,7 @@ def infer_architecture(shapes: Mapping[str, Shape],
             for m in [re.match(re.escape(prefix) + r'layer3\.(\d+)\.', k)] if m}
   if blocks:
     n = max(blocks) + 1
-    arch['depth'] = {d: b[2] for d, b in STAGE_BLOCKS.items()}.get(n)
+    arch['depth'] = {b[2]: d for d, b in STAGE_BLOCKS.items()}.get(n)
     arch['layer3_blocks'] = n
   if prefix + 'conv1.weight' in shapes:
     arch['base_channels'] = shapes[prefix + 'conv1.weight'][0]
@@ -373,11 +387,14 @@ def check_meta(meta: Any, config) -> List[str]:
            if k in got and got[k] != want[k]]
   if not diffs:
     return []
-  return ['checkpoint/config mismatch: the checkpoint\'s meta config has '
-          + ', '.join(f'{k}={got[k]!r}' for k in diffs) + ' but the config '
-          'has ' + ', '.join(f'{k}={want[k]!r}' for k in diffs) +
-          ' (caffe weights in a pytorch-style graph run but every feature '
-          'is wrong, spec §5.3).']
+  msg = ('checkpoint/config mismatch: the checkpoint\'s meta config has '
+         + ', '.join(f'{k}={got[k]!r}' for k in diffs) + ' but the config '
+         'has ' + ', '.join(f'{k}={want[k]!r}' for k in diffs))
+  if 'style' in diffs:
+    msg += (' (caffe and pytorch style differ only in where the stride sits, '
+            'so the weights would load and every feature be wrong, spec '
+            '§5.3)')
+  return [msg + '.']
 
 
 # -------------------------------------------------------------- conversion
