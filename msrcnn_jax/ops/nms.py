@@ -87,6 +87,10 @@ def nms_sorted(boxes: jnp.ndarray, valid: jnp.ndarray, iou_threshold: float,
   thr = jnp.float32(iou_threshold)
   lower = jnp.arange(t)[:, None] < jnp.arange(t)[None, :]  # [j, i]: j < i
   ar = jnp.arange(t, dtype=jnp.int32)
+  # The kept buffer is scanned in chunks of c, up to the current count.
+  c = max(1, min(t, k))
+  nc = -(-k // c)
+  kp = nc * c
 
   def cond(state):
     b, count = state[0], state[1]
@@ -97,9 +101,21 @@ def nms_sorted(boxes: jnp.ndarray, valid: jnp.ndarray, iou_threshold: float,
     start = b * t
     blk = jax.lax.dynamic_slice_in_dim(boxes, start, t)
     bv = jax.lax.dynamic_slice_in_dim(valid, start, t)
-    # Suppressed by boxes kept in earlier blocks.
-    sup = jnp.any((mmcv_iou(blk, kept_boxes) > thr) & kept_mask[None, :],
-                  axis=1)
+    # Suppressed by boxes kept in earlier blocks: only the filled chunks of
+    # the kept buffer are visited.
+    if nc == 1:
+      sup = jnp.any((mmcv_iou(blk, kept_boxes) > thr) & kept_mask[None, :],
+                    axis=1)
+    else:
+      def chunk_body(cs):
+        ci, sup = cs
+        kb = jax.lax.dynamic_slice_in_dim(kept_boxes, ci * c, c)
+        km = jax.lax.dynamic_slice_in_dim(kept_mask, ci * c, c)
+        hit = jnp.any((mmcv_iou(blk, kb) > thr) & km[None, :], axis=1)
+        return ci + 1, sup | hit
+
+      _, sup = jax.lax.while_loop(lambda cs: cs[0] * c < count, chunk_body,
+                                  (jnp.int32(0), jnp.zeros((t,), bool)))
     base = bv & ~sup
     # In-block greedy by fixed-point iteration; s[j, i]: j would suppress i.
     s = (mmcv_iou(blk, blk) > thr) & lower
@@ -107,26 +123,26 @@ def nms_sorted(boxes: jnp.ndarray, valid: jnp.ndarray, iou_threshold: float,
     def step(keep):
       return base & ~jnp.any(keep[:, None] & s, axis=0)
 
-    def fp_cond(c):
-      return c[1]
+    def fp_cond(st):
+      return st[1]
 
-    def fp_body(c):
-      new = step(c[0])
-      return new, jnp.any(new != c[0])
+    def fp_body(st):
+      new = step(st[0])
+      return new, jnp.any(new != st[0])
 
     keep, _ = jax.lax.while_loop(fp_cond, fp_body, (base, jnp.array(True)))
     pos = count + jnp.cumsum(keep.astype(jnp.int32)) - 1
-    dest = jnp.where(keep & (pos < k), pos, k)  # k = dropped
+    dest = jnp.where(keep & (pos < k), pos, kp)  # kp = dropped
     kept_boxes = kept_boxes.at[dest].set(blk, mode='drop')
     kept_mask = kept_mask.at[dest].set(True, mode='drop')
     kept_pos = kept_pos.at[dest].set(start + ar, mode='drop')
     count = jnp.minimum(count + jnp.sum(keep.astype(jnp.int32)), k)
     return b + 1, count, kept_boxes, kept_mask, kept_pos
 
-  init = (jnp.int32(0), jnp.int32(0), jnp.zeros((k, 4), jnp.float32),
-          jnp.zeros((k,), bool), jnp.zeros((k,), jnp.int32))
+  init = (jnp.int32(0), jnp.int32(0), jnp.zeros((kp, 4), jnp.float32),
+          jnp.zeros((kp,), bool), jnp.zeros((kp,), jnp.int32))
   _, _, _, kept_mask, kept_pos = jax.lax.while_loop(cond, body, init)
-  return kept_pos, kept_mask
+  return kept_pos[:k], kept_mask[:k]
 
 
 def sort_by_score(scores: jnp.ndarray, valid: jnp.ndarray) -> jnp.ndarray:
