@@ -202,6 +202,10 @@ def test_train_pipeline_deterministic_resumable_and_sharded():
   # Static shape per batch; buckets mixed across steps.
   shapes = {b['image'].shape for b in first}
   assert len(shapes) > 1 and all(s[0] == 2 for s in shapes)
+  # Same data without worker threads.
+  cfg.data.num_workers = 0
+  _assert_batches_equal(first, _batches(mk(), 4))
+  cfg.data.num_workers = 2
   # Resume: starting at step 3 gives step 3's batch.
   _assert_batches_equal(first[3:], _batches(mk(start_step=3), 1))
   # Host sharding: host p of 2 (B=1) gets half p of the 1-host B=2 batch.
@@ -263,3 +267,16 @@ def test_build_source_synthetic():
   cfg.data.source = 'nope'
   with pytest.raises(ValueError, match='nope'):
     pipeline.build_source(cfg, train=True)
+
+
+def test_trainer_form_config_and_start_step():
+  """``make_train_iterator(config, start_step)`` as training.trainer calls it."""
+  cfg = _small_cfg()
+  cfg.data.source = 'synthetic'
+  cfg.train.global_batch_size = 2
+  cfg.seed = 4
+  got = _batches(pipeline.make_train_iterator(cfg, 1), 1)
+  want = _batches(pipeline.make_train_iterator(
+      cfg, None, batch_size_per_host=2, seed=4, start_step=1,
+      process_index=0, process_count=1), 1)
+  _assert_batches_equal(got, want)
