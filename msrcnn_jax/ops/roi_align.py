@@ -1,0 +1,377 @@
+"""RoIAlign and mmdetection's multi-level RoI extractor (spec §1.6, §2.3, §5.9).
+
+mmcv's ``RoIAlign(aligned=True, pool_mode='avg', sampling_ratio=0)`` with
+static shapes. For one RoI and output bin ``(ph, pw)`` mmcv averages bilinear
+samples on a ``grid_h x grid_w`` grid, ``grid = ceil(roi_size / out)`` per side
+(adaptive, differs per RoI, may be 0). The sampling is separable, so the
+output of one RoI is ``Ay (out, H) @ F (H, W, C) @ Ax^T (W, out)`` where ``Ay``
+and ``Ax`` hold the averaged bilinear weights of each bin. Here each bin side
+only keeps ``max_samples + 2`` consecutive feature rows ("slots") with their
+weights; the output is
+
+    out[ph, pw] = sum_{a, b} Wy[ph, a] Wx[pw, b] F[Ry[ph, a], Rx[pw, b]]
+
+i.e. a gather of ``(out * slots)^2`` feature vectors per RoI and two small
+contractions (no dense full-map products).
+
+Exactness (the static cap, spec §5.9): a bin side with ``grid <= max_samples``
+(RoI side ``<= output_size * max_samples`` feature pixels) touches at most
+``max_samples + 2`` consecutive rows, so it is computed exactly as mmcv. A side
+whose adaptive grid exceeds ``max_samples`` is approximated: it is sampled
+with ``(max_samples + 2) // 2`` points per bin side, evenly spread over the bin
+exactly as mmcv spreads its own points (positions ``(i + .5) * bin / n``,
+same bilinear rules), two slots per point. With the default ``max_samples=8``
+the exact range is 56 feature px per side for 7x7 (bbox) and 112 for 14x14
+(mask) outputs: see ``benchmarks/roi_align.py`` and the report for which
+COCO boxes this covers (all boxes with aspect ratio <= 4 at P2..P4 and every
+box inside a 1333x800 image at P5).
+
+Bilinear rules (mmcv ``bilinear_interpolate``), with H, W the *valid* feature
+size of the image (``ceil(pad_shape / stride)``), never the bucket size, so
+bucket padding does not change the output:
+  * a point with y < -1, y > H, x < -1 or x > W contributes 0;
+  * negative coordinates are clamped to 0;
+  * if floor(y) >= H - 1 then low = high = H - 1 (likewise x);
+  * standard 4-tap weights; the bin value is the sum / max(grid_h*grid_w, 1).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+
+def map_roi_levels(boxes: jnp.ndarray, num_levels: int = 4,
+                   finest_scale: float = 56.) -> jnp.ndarray:
+  """SingleRoIExtractor.map_roi_levels (spec §1.6, §5.10).
+
+  Args:
+    boxes: ``(..., 4)`` float boxes (x1, y1, x2, y2), test (or train) scale.
+    num_levels: number of feature levels.
+    finest_scale: scale of level 0.
+
+  Returns:
+    ``(...)`` int32 level ``floor(log2(sqrt(w*h) / finest_scale + 1e-6))``
+    clamped to ``[0, num_levels - 1]``. Degenerate boxes (w*h <= 0) get 0.
+  """
+  wh = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+  scale = jnp.sqrt(jnp.maximum(wh, 0.))
+  lvl = jnp.floor(jnp.log2(scale / finest_scale + 1e-6))
+  return jnp.clip(lvl, 0, num_levels - 1).astype(jnp.int32)
+
+
+def _axis_slots(start, size, valid, out, max_samples, sampling_ratio):
+  """Slot rows and weights of one axis for a batch of RoIs.
+
+  Args:
+    start: ``(N,)`` float32 RoI start in feature coordinates (after offset).
+    size: ``(N,)`` float32 RoI size in feature pixels (may be <= 0).
+    valid: ``(N,)`` int32 valid feature size along this axis (>= 1).
+    out: output bins along this axis.
+    max_samples: static cap S on samples per bin side.
+    sampling_ratio: 0 for adaptive, else the fixed count.
+
+  Returns:
+    rows ``(N, out, S+2)`` int32 indices in ``[0, valid)``, weights
+    ``(N, out, S+2)`` float32 (already divided by the sample count).
+  """
+  n_slots = max_samples + 2
+  n_pairs = n_slots // 2
+  bin_size = size / out                                        # (N,)
+  if sampling_ratio > 0:
+    grid = jnp.full(size.shape, float(sampling_ratio), jnp.float32)
+  else:
+    grid = jnp.maximum(jnp.ceil(bin_size), 0.)                  # (N,)
+  valid_f = valid.astype(jnp.float32)
+
+  def samples(n):
+    """Positions, taps and weights with n (N,) samples per bin (<= S)."""
+    i = jnp.arange(max_samples, dtype=jnp.float32)
+    ph = jnp.arange(out, dtype=jnp.float32)
+    n_ = jnp.maximum(n, 1.)[:, None, None]
+    # mmcv: start + ph * bin + (i + .5f) * bin / grid, in this order.
+    y = (start[:, None, None] + ph[None, :, None] * bin_size[:, None, None]
+         + (i[None, None, :] + .5) * bin_size[:, None, None] / n_)
+    use = (i[None, None, :] < n[:, None, None]) & (y >= -1.) & (
+        y <= valid_f[:, None, None])
+    y = jnp.maximum(y, 0.)
+    low = jnp.floor(y).astype(jnp.int32)
+    edge = low >= valid[:, None, None] - 1
+    top = valid[:, None, None] - 1
+    low = jnp.where(edge, top, low)
+    high = jnp.where(edge, top, low + 1)
+    y = jnp.where(edge, low.astype(jnp.float32), y)
+    ly = y - low.astype(jnp.float32)
+    scale = jnp.where(use, 1., 0.) / n_
+    return low, high, (1. - ly) * scale, ly * scale
+
+  # Contiguous slots: rows base + k with base the first sample's low row;
+  # exact when all taps of the bin fall within S + 2 rows (always when
+  # grid <= S, spec §5.9).
+  n1 = jnp.minimum(grid, float(max_samples))
+  low1, high1, wl1, wh1 = samples(n1)
+  base = low1[..., :1]                                          # (N,out,1)
+  k = jnp.arange(n_slots, dtype=jnp.int32)
+  hit_l = (low1 - base)[..., None] == k                         # (N,out,S,K)
+  hit_h = (high1 - base)[..., None] == k
+  w_contig = (jnp.sum(jnp.where(hit_l, wl1[..., None], 0.), axis=-2)
+              + jnp.sum(jnp.where(hit_h, wh1[..., None], 0.), axis=-2))
+  rows_contig = jnp.minimum(base + k, valid[:, None, None] - 1)
+  last = jnp.take_along_axis(
+      high1, jnp.maximum(n1.astype(jnp.int32) - 1, 0)[:, None, None]
+      * jnp.ones_like(high1[..., :1]), axis=-1)
+  fits = jnp.all(last - base < n_slots, axis=(1, 2)) & (grid <= max_samples)
+
+  # Paired slots (2i, 2i+1) = (low_i, high_i) of sample i, for bins too wide
+  # for contiguous slots: exact if grid <= (S+2)//2, else grid is capped.
+  n2 = jnp.minimum(grid, float(n_pairs))
+  low2, high2, wl2, wh2 = samples(n2)
+  low2, high2 = low2[..., :n_pairs], high2[..., :n_pairs]
+  wl2, wh2 = wl2[..., :n_pairs], wh2[..., :n_pairs]
+  rows_pair = jnp.stack([low2, high2], -1).reshape(low2.shape[:2] + (-1,))
+  w_pair = jnp.stack([wl2, wh2], -1).reshape(wl2.shape[:2] + (-1,))
+  pad = n_slots - 2 * n_pairs
+  if pad:
+    rows_pair = jnp.concatenate(
+        [rows_pair, jnp.broadcast_to(rows_pair[..., :1],
+                                     rows_pair.shape[:2] + (pad,))], -1)
+    w_pair = jnp.concatenate(
+        [w_pair, jnp.zeros(w_pair.shape[:2] + (pad,), w_pair.dtype)], -1)
+
+  rows = jnp.where(fits[:, None, None], rows_contig, rows_pair)
+  weights = jnp.where(fits[:, None, None], w_contig, w_pair)
+  return rows, weights
+
+
+def _used_slots(weights):
+  """(N,) number of leading slots with any nonzero weight."""
+  k = jnp.arange(1, weights.shape[-1] + 1, dtype=jnp.int32)
+  return jnp.max(jnp.where(weights != 0, k, 0), axis=(1, 2))
+
+
+def _tap_loop(flat, rowoff, wy, rx, wx, ny, nx, cot=None):
+  """Weighted-gather over one chunk's slots, skipping unused slots.
+
+  Forward (``cot is None``): returns ``(chunk, out, out, C)`` float32
+  ``sum_{k<ny, l<nx} wy[:, :, k] wx[:, :, l] flat[rowoff[:, :, k] + rx[..., l]]``.
+  Backward: scatter-adds ``cot`` (same shape) into ``flat`` (the running
+  gradient table) and returns it.
+  """
+  my, mx = jnp.max(ny), jnp.max(nx)
+
+  def tap(t):
+    k, l = t // mx, t % mx
+    r = jax.lax.dynamic_index_in_dim(rowoff, k, 2, keepdims=False)  # (c, p)
+    c = jax.lax.dynamic_index_in_dim(rx, l, 2, keepdims=False)      # (c, q)
+    w1 = jax.lax.dynamic_index_in_dim(wy, k, 2, keepdims=False)
+    w2 = jax.lax.dynamic_index_in_dim(wx, l, 2, keepdims=False)
+    return r[:, :, None] + c[:, None, :], (w1[:, :, None] * w2[:, None, :])
+
+  if cot is None:
+    def step(t, acc):
+      idx, w = tap(t)
+      return acc + w[..., None] * jnp.take(
+          flat, idx, axis=0, mode='clip').astype(jnp.float32)
+    acc = jnp.zeros(rowoff.shape[:2] + (rx.shape[1], flat.shape[-1]),
+                    jnp.float32)
+    return jax.lax.fori_loop(0, my * mx, step, acc)
+
+  def bstep(t, grad):
+    idx, w = tap(t)
+    return grad.at[idx].add((w[..., None] * cot).astype(grad.dtype),
+                            mode='drop')
+  return jax.lax.fori_loop(0, my * mx, bstep, flat)
+
+
+@jax.custom_vjp
+def _pool_chunks(flat, rowoff, wy, rx, wx, ny, nx):
+  """``(nc, chunk, out, out, C)`` pooled features, chunk by chunk.
+
+  Linear in ``flat``; the custom VJP scatter-adds into the feature table
+  (mmcv's RoIAlign backward: no gradient for the boxes).
+  """
+  return jax.lax.map(lambda a: _tap_loop(flat, *a),
+                     (rowoff, wy, rx, wx, ny, nx))
+
+
+def _pool_fwd(flat, rowoff, wy, rx, wx, ny, nx):
+  out = _pool_chunks(flat, rowoff, wy, rx, wx, ny, nx)
+  # A zero-size probe carries the table's length and dtype to the backward.
+  probe = jnp.zeros((flat.shape[0], 0), flat.dtype)
+  return out, (probe, rowoff, wy, rx, wx, ny, nx)
+
+
+def _pool_bwd(res, cot):
+  probe, rowoff, wy, rx, wx, ny, nx = res
+  def body(grad, a):
+    return _tap_loop(grad, *a[:6], cot=a[6]), None
+  grad0 = jnp.zeros((probe.shape[0], cot.shape[-1]), jnp.float32)
+  grad, _ = jax.lax.scan(body, grad0, (rowoff, wy, rx, wx, ny, nx, cot))
+  return (grad.astype(probe.dtype), None, None, None, None, None, None)
+
+
+_pool_chunks.defvjp(_pool_fwd, _pool_bwd)
+
+
+def _default_chunk():
+  # CPU: small chunks of size-sorted RoIs skip most unused slots; GPU/TPU:
+  # large chunks keep the device busy.
+  return 32 if jax.default_backend() == 'cpu' else 512
+
+
+def _roi_align_flat(flat, boxes, spatial_scale, valid_h, valid_w, row_stride,
+                    base, output_size, max_samples, sampling_ratio, aligned,
+                    chunk):
+  """RoIAlign of N RoIs reading a flattened ``(T, C)`` feature table.
+
+  Feature pixel (r, c) of a RoI's map is ``flat[base + r * row_stride + c]``.
+  All per-RoI arguments are ``(N,)``; returns ``(N, out, out, C)``.
+  RoIs are sorted by the number of slots they use and pooled in chunks; each
+  chunk only loops over the slots its RoIs use.
+  """
+  offset = 0.5 if aligned else 0.
+  x1 = boxes[:, 0] * spatial_scale - offset
+  y1 = boxes[:, 1] * spatial_scale - offset
+  x2 = boxes[:, 2] * spatial_scale - offset
+  y2 = boxes[:, 3] * spatial_scale - offset
+  w, h = x2 - x1, y2 - y1
+  if not aligned:  # legacy mmcv: RoI size clamped to >= 1.
+    w, h = jnp.maximum(w, 1.), jnp.maximum(h, 1.)
+  ry, wy = _axis_slots(y1, h, valid_h, output_size, max_samples,
+                       sampling_ratio)
+  rx, wx = _axis_slots(x1, w, valid_w, output_size, max_samples,
+                       sampling_ratio)
+  rowoff = base[:, None, None] + ry * row_stride[:, None, None]
+  ny, nx = _used_slots(wy), _used_slots(wx)
+
+  n = boxes.shape[0]
+  chunk = max(1, min(chunk or _default_chunk(), n))
+  n_chunks = -(-n // chunk)
+  order = jnp.argsort(ny * (max_samples + 3) + nx)
+  def prep(a):
+    a = a[order]
+    a = jnp.concatenate(
+        [a, jnp.zeros((n_chunks * chunk - n,) + a.shape[1:], a.dtype)])
+    return a.reshape((n_chunks, chunk) + a.shape[1:])
+  pooled = _pool_chunks(flat, *(prep(a) for a in (rowoff, wy, rx, wx, ny,
+                                                  nx)))
+  pooled = pooled.reshape((n_chunks * chunk,) + pooled.shape[2:])
+  inverse = jnp.zeros_like(order).at[order].set(
+      jnp.arange(n, dtype=order.dtype))
+  return pooled[inverse].astype(flat.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    'spatial_scale', 'output_size', 'max_samples', 'sampling_ratio',
+    'aligned', 'chunk'))
+def roi_align(feat: jnp.ndarray, boxes: jnp.ndarray, spatial_scale: float,
+              output_size: int, max_samples: int = 8, valid_hw=None,
+              sampling_ratio: int = 0, aligned: bool = True,
+              chunk: int | None = None) -> jnp.ndarray:
+  """mmcv RoIAlign (avg pooling) of RoIs on one image's feature map.
+
+  Args:
+    feat: ``(H, W, C)`` features (H, W may be a padded bucket size).
+    boxes: ``(N, 4)`` float boxes (x1, y1, x2, y2) in input pixels of the
+      frame ``feat`` was computed from (test scale for FPN maps; mask pixels
+      for mask targets with ``spatial_scale=1``).
+    spatial_scale: feature pixels per input pixel (1 / stride).
+    output_size: bins per side.
+    max_samples: static cap S on the adaptive samples per bin side: exact for
+      RoI sides <= ``output_size * S`` feature px; wider sides use
+      ``(S + 2) // 2`` evenly spread points per bin (module docstring).
+    valid_hw: ``(h, w)`` ints or int32 array: valid feature size of this image
+      (``ceil(pad_shape * spatial_scale)``); the bilinear boundary rules use
+      it. Default: the array size.
+    sampling_ratio: 0 = adaptive ``ceil(roi / out)``; > 0 fixed count.
+    aligned: True = mmcv aligned (-0.5 px shift, no size clamp).
+    chunk: RoIs per chunk of the pooling loop (default: 32 on CPU, 512
+      elsewhere).
+
+  Returns:
+    ``(N, output_size, output_size, C)`` in ``feat.dtype``. Degenerate RoIs
+    (size <= 0) give zeros.
+  """
+  hh, ww, c = feat.shape
+  n = boxes.shape[0]
+  if valid_hw is None:
+    valid_hw = (hh, ww)
+  valid_hw = jnp.asarray(valid_hw, jnp.int32)
+  vh = jnp.clip(jnp.broadcast_to(valid_hw[0], (n,)), 1, hh)
+  vw = jnp.clip(jnp.broadcast_to(valid_hw[1], (n,)), 1, ww)
+  return _roi_align_flat(
+      feat.reshape(hh * ww, c), boxes.astype(jnp.float32), spatial_scale,
+      vh, vw, jnp.full((n,), ww, jnp.int32), jnp.zeros((n,), jnp.int32),
+      output_size, max_samples, sampling_ratio, aligned, chunk)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    'strides', 'output_size', 'max_samples', 'finest_scale', 'chunk'))
+def multilevel_roi_align(feats: Sequence[jnp.ndarray], boxes: jnp.ndarray,
+                         pad_shape: jnp.ndarray,
+                         strides: Sequence[int] = (4, 8, 16, 32),
+                         output_size: int = 7, max_samples: int = 8,
+                         finest_scale: float = 56.,
+                         chunk: int | None = None) -> jnp.ndarray:
+  """mmdetection's SingleRoIExtractor over FPN levels (spec §1.6, §2.3).
+
+  Each RoI is pooled once, on the level ``map_roi_levels`` picks from its
+  box, with ``spatial_scale = 1 / stride``. The levels are flattened into one
+  ``(sum H_l*W_l, C)`` table per image so a single gather serves every level.
+
+  Args:
+    feats: levels [P2..P5], each ``(B, H_l, W_l, C)`` (bucket padded).
+    boxes: ``(B, N, 4)`` float boxes (x1, y1, x2, y2) at test (or train)
+      scale. Padding rows may hold anything finite; their output is finite
+      and meaningless (callers mask them).
+    pad_shape: ``(B, 2)`` int32 (h, w) padded image size; the valid size of
+      level l is ``ceil(pad_shape / stride_l)``.
+    strides: stride of each level.
+    output_size: bins per side (7 bbox, 14 mask).
+    max_samples: static cap on samples per bin side (see ``roi_align``).
+    finest_scale: level mapping scale (56).
+    chunk: RoIs per chunk of the pooling loop (default: 32 on CPU, 512
+      elsewhere).
+
+  Returns:
+    ``(B, N, output_size, output_size, C)`` in the features' dtype.
+  """
+  strides = tuple(strides)
+  num_levels = len(strides)
+  assert len(feats) == num_levels, (len(feats), strides)
+  bsz, n = boxes.shape[:2]
+  c = feats[0].shape[-1]
+  flat = jnp.concatenate(
+      [f.reshape(bsz, -1, c) for f in feats], axis=1)  # (B, T, C)
+  sizes = [f.shape[1] * f.shape[2] for f in feats]
+  bases = [0]
+  for s in sizes[:-1]:
+    bases.append(bases[-1] + s)
+  widths = jnp.asarray([f.shape[2] for f in feats], jnp.int32)
+  heights = jnp.asarray([f.shape[1] for f in feats], jnp.int32)
+  bases = jnp.asarray(bases, jnp.int32)
+  scales = jnp.asarray([1. / s for s in strides], jnp.float32)
+  strides_a = jnp.asarray(strides, jnp.int32)
+
+  boxes = boxes.astype(jnp.float32)
+  lvl = map_roi_levels(boxes, num_levels, finest_scale)       # (B, N)
+  pad_shape = jnp.asarray(pad_shape, jnp.int32)
+  stride = strides_a[lvl]
+  # Valid size ceil(pad / stride), clipped to the array (bucket) size.
+  vh = jnp.clip((pad_shape[:, 0:1] + stride - 1) // stride, 1, heights[lvl])
+  vw = jnp.clip((pad_shape[:, 1:2] + stride - 1) // stride, 1, widths[lvl])
+  # spatial_scale = 1 / stride (a power of two, so folding it into the boxes
+  # is exact); image b's table starts at b * total.
+  scaled = boxes * scales[lvl][..., None]
+  total = flat.shape[1]
+  base = bases[lvl] + total * jnp.arange(bsz, dtype=jnp.int32)[:, None]
+  pooled = _roi_align_flat(
+      flat.reshape(bsz * total, c), scaled.reshape(bsz * n, 4), 1.,
+      vh.reshape(-1), vw.reshape(-1), widths[lvl].reshape(-1),
+      base.reshape(-1), output_size, max_samples, 0, True, chunk)
+  return pooled.reshape((bsz, n) + pooled.shape[1:])
