@@ -270,7 +270,7 @@ def test_build_source_synthetic():
 
 
 def test_trainer_form_config_and_start_step():
-  """``make_train_iterator(config, start_step)`` as training.trainer calls it."""
+  """``make_train_iterator(config, start_step)``, as training.trainer calls."""
   cfg = _small_cfg()
   cfg.data.source = 'synthetic'
   cfg.train.global_batch_size = 2

@@ -96,7 +96,8 @@ def test_unreadable_files_raise_naming_the_file(tmp_path):
       image_io.imread(path)
 
 
-@pytest.mark.parametrize('src,dst', [((7, 9), (13, 5)), ((480, 640), (800, 1067)),
+@pytest.mark.parametrize('src,dst', [((7, 9), (13, 5)),
+                                     ((480, 640), (800, 1067)),
                                      ((37, 41), (37, 123))])
 def test_nearest_mask_resize_matches_cv2(src, dst):
   m = (np.random.default_rng(1).random(src) > 0.5).astype(np.uint8)
@@ -208,7 +209,8 @@ def test_train_transform_boxes_and_mask_crops(flip):
   assert ex['gt_valid'].tolist() == [True] * n + [False] * (5 - n)
   np.testing.assert_array_equal(ex['gt_labels'][:n], labels)
   np.testing.assert_array_equal(
-      ex['gt_masks'][:n], transforms.crop_masks_to_boxes(full, ex['gt_boxes'][:n], 16))
+      ex['gt_masks'][:n],
+      transforms.crop_masks_to_boxes(full, ex['gt_boxes'][:n], 16))
   assert not ex['gt_masks'][n:].any() and not ex['gt_boxes'][n:].any()
   # The flipped mask lies inside the flipped box: its tight box matches.
   for g in range(n):

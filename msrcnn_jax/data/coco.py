@@ -14,7 +14,10 @@ category ids (``cat2label``).
 
 For training, images without a usable annotation are skipped, and so are
 images whose shorter side is below ``min_size`` (mmdetection's
-``_filter_imgs(min_size=32)``). For evaluation every image is kept.
+``_filter_imgs(min_size=32)``). mmdetection's ``filter_empty_gt`` only
+drops images with no annotation at all, so it still trains on crowd-only
+images with empty targets; we skip those too. For evaluation every image
+is kept.
 
 A record is a dict::
 

@@ -1,4 +1,4 @@
-"""Image decoding exactly as mmdetection 2.x's ``LoadImageFromFile`` (spec §1.3).
+"""Image decoding as mmdetection 2.x's ``LoadImageFromFile`` (spec §1.3).
 
 mmdetection 2.x reads the file's bytes and calls mmcv 1.x
 ``imfrombytes(content, flag='color', channel_order='bgr')`` with the cv2

@@ -20,7 +20,6 @@ import os
 from typing import Any
 
 import cv2
-import ml_collections
 import numpy as np
 from pycocotools import mask as mask_utils
 
@@ -32,11 +31,8 @@ DEFAULT_CFG = dict(num_train=2000, num_val=100, image_size=(128, 128),
 
 
 def _cfg_get(cfg, key):
-  if cfg is None:
-    return DEFAULT_CFG[key]
-  if isinstance(cfg, dict):
-    return cfg.get(key, DEFAULT_CFG[key])
-  return cfg.get(key, DEFAULT_CFG[key])
+  """``cfg[key]`` of a dict / ConfigDict / None, defaulting to DEFAULT_CFG."""
+  return DEFAULT_CFG[key] if cfg is None else cfg.get(key, DEFAULT_CFG[key])
 
 
 def categories(num_classes: int) -> list[dict[str, Any]]:

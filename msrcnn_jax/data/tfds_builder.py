@@ -214,7 +214,8 @@ class TfdsSource:
           'with msrcnn_jax.data.tfds_builder.prepare(coco_dir, data_dir)')
     self.builder = cls(data_dir=data_dir)
     if split not in self.builder.info.splits:
-      raise ValueError(f'split {split!r} not in {list(self.builder.info.splits)}')
+      raise ValueError(
+          f'split {split!r} not in {list(self.builder.info.splits)}')
     cats = self.builder.info.metadata.get('categories', [])
     self.cat_ids = tuple(int(c['id']) for c in cats)
     self.class_names = tuple(c['name'] for c in cats)

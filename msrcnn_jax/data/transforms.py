@@ -16,7 +16,7 @@ batch holds ``(G, M, M)`` bits per image instead of full-resolution bitmaps.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import cv2
 import numpy as np
@@ -45,7 +45,7 @@ def scale_factor_of(w: int, h: int, new_w: int, new_h: int) -> np.ndarray:
 
 
 def padded_size(h: int, w: int, divisor: int = 32) -> tuple[int, int]:
-  """``(h, w)`` rounded up to multiples of ``divisor`` (mmcv impad_to_multiple)."""
+  """``(h, w)`` rounded up to multiples of ``divisor`` (impad_to_multiple)."""
   return (int(math.ceil(h / divisor)) * divisor,
           int(math.ceil(w / divisor)) * divisor)
 
