@@ -58,13 +58,16 @@ def build_source(cfg, train: bool, split: str | None = None):
     seed = d.synthetic.get('seed', 0) if hasattr(d.synthetic, 'get') else 0
     return synthetic.SyntheticDataset('train' if train else 'val',
                                       d.synthetic, seed)
+  # mmdetection's _filter_imgs(min_size=32) for training images.
+  min_size = int(d.get('min_size', 32))
   if d.source == 'coco':
-    return coco_lib.CocoSource(d.coco_dir, split, train)
+    return coco_lib.CocoSource(d.coco_dir, split, train, min_size=min_size)
   if d.source == 'tfds':
     from msrcnn_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
     return tfds_builder.TfdsSource(d.tfds_data_dir, split, train,
                                    name=d.get('tfds_name',
-                                              'coco_instance_masks'))
+                                              'coco_instance_masks'),
+                                   min_size=min_size)
   raise ValueError(f'unknown cfg.data.source {d.source!r}')
 
 
