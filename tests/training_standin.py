@@ -1,6 +1,7 @@
 """A tiny stand-in detector task for the training tests (not a test file).
 
-It follows the parameter-tree conventions of the real model (``backbone/conv1``,
+Layers are per-pixel Dense (1x1 "convs", cheap to compile) named as the
+real model's. It follows the parameter-tree conventions of the real model (``backbone/conv1``,
 ``backbone/bn1``, ``backbone/layer1_0/...``, a BN ``downsample_1``, a neck and
 a head) so the freezing rules, the optimizer and the trainer can be checked
 without the detector. The loss uses the step RNG (input noise), so a wrong RNG
@@ -36,12 +37,12 @@ class _Block(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    y = nn.Conv(self.features, (3, 3), use_bias=False, name='conv1',
-                dtype=x.dtype)(x)
+    y = nn.Dense(self.features, use_bias=False, name='conv1',
+                 dtype=x.dtype)(x)
     y = _BN(name='bn1')(y)
     if self.downsample:
-      x = nn.Conv(self.features, (1, 1), use_bias=False, name='downsample_0',
-                  dtype=x.dtype)(x)
+      x = nn.Dense(self.features, use_bias=False, name='downsample_0',
+                   dtype=x.dtype)(x)
       x = _BN(name='downsample_1')(x)
     return nn.relu(x + y)
 
@@ -50,7 +51,7 @@ class _Backbone(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Conv(4, (3, 3), use_bias=False, name='conv1', dtype=x.dtype)(x)
+    x = nn.Dense(4, use_bias=False, name='conv1', dtype=x.dtype)(x)
     x = nn.relu(_BN(name='bn1')(x))
     x = _Block(4, name='layer1_0')(x)
     x = _Block(6, downsample=True, name='layer2_0')(x)
@@ -62,7 +63,7 @@ class StandInModel(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = _Backbone(name='backbone')(x)
-    x = nn.Conv(4, (1, 1), name='neck', dtype=x.dtype)(x)
+    x = nn.Dense(4, name='neck', dtype=x.dtype)(x)
     x = x.mean(axis=(1, 2))
     return nn.Dense(2, name='head', dtype=x.dtype)(x)
 

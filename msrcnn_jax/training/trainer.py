@@ -1,0 +1,373 @@
+"""``train_and_evaluate(config, workdir)``: the whole training run, top to bottom.
+
+Start-up: log the devices, build the ``('data',)`` mesh, check the global
+batch divides over it, open the checkpoint directory. If it holds a
+checkpoint, restore the newest one (params, optimizer state, RNG, step) and
+restart the data iterator at the saved data position ("Resuming from step
+N"); otherwise initialise the model (and merge ``train.init_checkpoint`` if
+set). Loop: one jitted step per global batch; every step's scalar metrics are
+fetched one step late (so the device never idles) and checked for NaN/Inf;
+console + TensorBoard every ``log_every_steps``; checkpoints every
+``checkpoint_every_steps`` and at the end; ``eval_fn(state)`` every
+``eval_every_steps`` and at the end.
+
+The task object provides (the detector's is ``msrcnn_jax.training.task.
+DetectorTask``):
+- ``init_variables(rng, batch) -> {'params': ..., 'batch_stats': ...}``;
+- ``loss_fn(params, batch_stats, batch, rng, compute_dtype) -> (loss,
+  metrics)``;
+- ``frozen_mask(params) -> pytree of bool`` (True = trainable);
+- optionally ``eval_fn(state) -> dict`` of scalars.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from msrcnn_jax.training import checkpointing
+from msrcnn_jax.training import optimizer as optimizer_lib
+from msrcnn_jax.training import partitioning
+from msrcnn_jax.training import train_step as train_step_lib
+from msrcnn_jax.training.train_step import TrainState
+
+PyTree = Any
+TrainIterFn = Callable[[ml_collections.ConfigDict, int], Iterator[PyTree]]
+
+
+# ------------------------------------------------------------ init helpers
+def _flatten(tree: PyTree) -> dict[str, Any]:
+  flat = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    flat['/'.join(str(getattr(k, 'key', getattr(k, 'name', k)))
+                  for k in path)] = leaf
+  return flat
+
+
+def merge_init_variables(
+    variables: Mapping[str, PyTree],
+    loaded: Mapping[str, PyTree]) -> tuple[dict[str, PyTree], dict[str, Any]]:
+  """Replaces the leaves of ``variables`` found in a converted checkpoint.
+
+  Strict except for missing leaves: a backbone-only checkpoint leaves the
+  neck and heads at their initialisation, but a leaf of the checkpoint that
+  the model lacks, or whose shape differs, is an error.
+
+  Args:
+    variables: the model's ``{'params': ..., 'batch_stats': ...}``.
+    loaded: the checkpoint's variables, same path convention.
+
+  Returns:
+    ``(merged variables, report)``; the report lists 'loaded', 'missing'
+    (kept at init) and the counts.
+
+  Raises:
+    ValueError: on unexpected leaves, shape mismatches, or if nothing matched.
+  """
+  ours = _flatten(dict(variables))
+  theirs = _flatten(dict(loaded))
+  unexpected = sorted(set(theirs) - set(ours))
+  mismatched = sorted(
+      f'{k}: checkpoint {tuple(np.shape(theirs[k]))} vs model '
+      f'{tuple(np.shape(ours[k]))}' for k in set(theirs) & set(ours)
+      if tuple(np.shape(theirs[k])) != tuple(np.shape(ours[k])))
+  if unexpected or mismatched:
+    raise ValueError(
+        'init_checkpoint does not fit the model:\n  unexpected: '
+        f'{unexpected[:20]}{" ..." if len(unexpected) > 20 else ""}\n'
+        f'  shape mismatches: {mismatched[:20]}')
+  loaded_keys = sorted(set(theirs) & set(ours))
+  if not loaded_keys:
+    raise ValueError('init_checkpoint has no leaf in common with the model')
+
+  def pick(path, leaf):
+    key = '/'.join(str(getattr(k, 'key', getattr(k, 'name', k)))
+                   for k in path)
+    if key in theirs:
+      return jnp.asarray(theirs[key], dtype=leaf.dtype)
+    return leaf
+
+  merged = jax.tree_util.tree_map_with_path(pick, dict(variables))
+  missing = sorted(set(ours) - set(theirs))
+  report = dict(loaded=loaded_keys, missing=missing,
+                num_loaded=len(loaded_keys), num_missing=len(missing))
+  return merged, report
+
+
+def _load_init_checkpoint(path: str, variables, replicated):
+  # Written by the MODEL helper; imported lazily.
+  from msrcnn_jax.convert import checkpoint_io  # pylint: disable=g-import-not-at-top
+  loaded = checkpoint_io.load_variables(path)
+  merged, report = merge_init_variables(variables, loaded)
+  logging.info('init_checkpoint %s: loaded %d leaves, %d kept at init%s',
+               path, report['num_loaded'], report['num_missing'],
+               (' (e.g. ' + ', '.join(report['missing'][:5]) + ')')
+               if report['missing'] else '')
+  return jax.device_put(merged, replicated), report
+
+
+def _numeric(batch: PyTree) -> PyTree:
+  """Drops top-level entries the device cannot hold (strings, objects)."""
+  if isinstance(batch, Mapping):
+    return {k: v for k, v in batch.items()
+            if not (isinstance(v, np.ndarray) and v.dtype.kind in 'OUS')
+            and not isinstance(v, (str, bytes))}
+  return batch
+
+
+# ------------------------------------------------------------- the loop
+class _MetricLog:
+  """Accumulates fetched per-step metrics between log points."""
+
+  def __init__(self):
+    self.sums = collections.defaultdict(float)
+    self.count = 0
+    self.last = {}
+
+  def add(self, metrics: Mapping[str, Any]) -> None:
+    for k, v in metrics.items():
+      if k != 'finite':
+        self.sums[k] += float(v)
+    self.count += 1
+    self.last = metrics
+
+  def means(self) -> dict[str, float]:
+    out = {k: v / max(self.count, 1) for k, v in self.sums.items()}
+    if 'lr' in self.last:         # the lr now, not an average
+      out['lr'] = float(self.last['lr'])
+    self.sums.clear()
+    self.count = 0
+    return out
+
+
+def _make_writer(workdir: str):
+  if jax.process_index() != 0:
+    return None
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  except ImportError:  # pragma: no cover
+    logging.warning('tensorboardX missing: no TensorBoard events')
+    return None
+  return SummaryWriter(logdir=workdir)
+
+
+def _progress(total: int, initial: int):
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=total, initial=initial, dynamic_ncols=True,
+              disable=jax.process_index() != 0, desc='train', unit='step')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str,
+                       task: Any = None,
+                       train_iter_fn: TrainIterFn | None = None,
+                       eval_fn: Callable[[TrainState], Mapping[str, Any]]
+                       | None = None) -> tuple[TrainState, dict[str, Any]]:
+  """Trains (or resumes) per ``config.train``; evaluates if ``eval_fn``.
+
+  Args:
+    config: the full config (``msrcnn_jax.config.ms_rcnn_config``).
+    workdir: checkpoints go to ``workdir/checkpoints``, TensorBoard events
+      to ``workdir``.
+    task: init/loss/mask provider (default: ``DetectorTask(config)``).
+    train_iter_fn: ``(config, start_step) -> iterator`` of host-local numpy
+      batches of ``global_batch_size / process_count`` images, starting at
+      global batch number ``start_step`` (default:
+      ``msrcnn_jax.data.pipeline.make_train_iterator``).
+    eval_fn: ``eval_fn(state) -> dict`` of scalars (default: the task's
+      ``eval_fn`` if it has one).
+
+  Returns:
+    ``(final state, {'train': last logged train means, 'eval': last eval
+    metrics, 'steps': total steps})``.
+
+  Raises:
+    FloatingPointError: on a non-finite loss/gradient (naming the step and
+      the loss); no checkpoint is written after the last good step.
+  """
+  t = config.train
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  logging.info('Devices: %s', partitioning.describe_devices())
+  logging.info('Local devices: %s', jax.local_devices())
+  mesh = partitioning.make_mesh()
+  global_batch = int(t.global_batch_size)
+  local_batch = partitioning.check_batch_size(global_batch, mesh)
+  logging.info('Global batch %d = %d hosts x %d images; %d devices.',
+               global_batch, jax.process_count(), local_batch,
+               mesh.devices.size)
+  replicated = partitioning.replicated_sharding(mesh)
+
+  if task is None:
+    from msrcnn_jax.training.task import DetectorTask  # pylint: disable=g-import-not-at-top
+    task = DetectorTask(config)
+  if eval_fn is None:
+    eval_fn = getattr(task, 'eval_fn', None)
+  if train_iter_fn is None:
+    from msrcnn_jax.data.pipeline import make_train_iterator  # pylint: disable=g-import-not-at-top
+    train_iter_fn = make_train_iterator
+
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                    keep=int(t.keep_checkpoints))
+  writer = _make_writer(workdir)
+  try:
+    latest = ckpt.latest_step()
+    meta = ckpt.metadata(latest) if latest is not None else {}
+    data_position = int(meta.get('data_position', latest or 0))
+    batches = train_iter_fn(config, data_position)
+    first = next(batches)
+    batches = itertools.chain([first], batches)
+
+    # ---- state: restore or initialise.
+    rng = jax.random.key(int(config.seed))
+    init_rng, train_rng = jax.random.split(rng)
+    init_batch = jax.tree.map(lambda x: np.asarray(x)[:1], _numeric(first))
+    abstract_vars = jax.eval_shape(task.init_variables, init_rng, init_batch)
+    mask = task.frozen_mask(abstract_vars['params'])
+    tx, schedule_fn = optimizer_lib.make_optimizer(config, mask)
+    make_state = jax.jit(
+        lambda v, r: train_step_lib.create_train_state(v, tx, r),
+        out_shardings=replicated)
+    report = None
+    if latest is not None:
+      template = jax.eval_shape(make_state, abstract_vars, train_rng)
+      template = jax.tree.map(
+          lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                         sharding=replicated), template)
+      state, step = ckpt.restore_latest(template)
+      checkpointing.log_restored(step, meta)
+    else:
+      variables = jax.jit(task.init_variables, out_shardings=replicated)(
+          init_rng, init_batch)
+      if t.get('init_checkpoint', ''):
+        variables, report = _load_init_checkpoint(t.init_checkpoint,
+                                                  variables, replicated)
+      state = make_state(variables, train_rng)
+    n_params = sum(int(np.prod(x.shape)) for x in
+                   jax.tree.leaves(abstract_vars['params']))
+    n_train = sum(int(np.prod(x.shape)) for x, m in zip(
+        jax.tree.leaves(abstract_vars['params']), jax.tree.leaves(mask)) if m)
+    logging.info('Parameters: %d (%d trainable)', n_params, n_train)
+
+    train_step = train_step_lib.make_train_step(
+        task.loss_fn, tx, mesh, compute_dtype=t.get('compute_dtype',
+                                                    'float32'),
+        schedule_fn=schedule_fn, mask=mask)
+    total = optimizer_lib.total_steps(config)
+    start = int(jax.device_get(state.step))
+    logging.info('Training steps %d -> %d (%d per epoch)', start, total,
+                 optimizer_lib.steps_per_epoch(config))
+
+    log_every = max(int(t.log_every_steps), 1)
+    ckpt_every = int(t.checkpoint_every_steps)
+    eval_every = int(t.eval_every_steps)
+    mlog = _MetricLog()
+    train_means: dict[str, float] = {}
+    eval_metrics: dict[str, Any] = {}
+    pending = None
+    last_saved = start if latest is not None else None
+    pbar = _progress(total, start)
+    t_last, steps_last = time.time(), 0
+
+    def consume(item):
+      step_idx, metrics = item
+      host = jax.device_get(metrics)
+      train_step_lib.check_finite(host, step_idx)
+      mlog.add(host)
+
+    def save(done):
+      nonlocal last_saved
+      if last_saved == done:
+        return
+      ckpt.save(state, dict(data_position=data_position,
+                            config_name=config.name,
+                            global_batch_size=global_batch))
+      last_saved = done
+
+    def run_eval(done):
+      nonlocal eval_metrics
+      if eval_fn is None:
+        return
+      logging.info('Evaluating at step %d', done)
+      eval_metrics = dict(eval_fn(state) or {})
+      logging.info('eval@%d: %s', done, eval_metrics)
+      if writer is not None:
+        for k, v in eval_metrics.items():
+          if np.isscalar(v) or np.ndim(v) == 0:
+            writer.add_scalar(f'eval/{k}', float(v), done)
+        writer.flush()
+
+    for step_idx in range(start, total):
+      try:
+        host_batch = next(batches)
+      except StopIteration:
+        raise RuntimeError(
+            f'train iterator ended at data position {data_position} before '
+            f'step {total}; it must repeat over epochs') from None
+      batch = partitioning.host_batch_to_global(_numeric(host_batch), mesh)
+      t0 = time.time() if step_idx == start else None
+      state, metrics = train_step(state, batch)
+      data_position += 1
+      if pending is not None:
+        consume(pending)
+      pending = (step_idx, metrics)
+      done = step_idx + 1
+      if t0 is not None:
+        jax.block_until_ready(metrics)
+        logging.info('First step (incl. compilation) took %.1f s',
+                     time.time() - t0)
+      is_log = done % log_every == 0 or done == total
+      is_ckpt = (ckpt_every > 0 and done % ckpt_every == 0) or done == total
+      is_eval = eval_every > 0 and done % eval_every == 0 and done != total
+      if is_log or is_ckpt or is_eval:
+        consume(pending)       # all checks done before any save
+        pending = None
+      pbar.update(1)
+      steps_last += 1
+      if is_log:
+        now = time.time()
+        dt = max(now - t_last, 1e-9)
+        train_means = mlog.means()
+        train_means['images_per_sec'] = global_batch * steps_last / dt
+        train_means['sec_per_step'] = dt / steps_last
+        eta = (total - done) * dt / steps_last
+        pbar.set_postfix(loss=f'{train_means.get("loss", np.nan):.4f}',
+                         lr=f'{train_means.get("lr", np.nan):.2e}',
+                         gnorm=f'{train_means.get("grad_norm", np.nan):.2f}',
+                         ips=f'{train_means["images_per_sec"]:.1f}')
+        logging.info(
+            'step %d/%d %s eta %s', done, total,
+            ' '.join(f'{k}={v:.4g}' for k, v in sorted(train_means.items())),
+            time.strftime('%H:%M:%S', time.gmtime(eta)) if eta < 86400 else
+            f'{eta / 3600:.1f}h')
+        if writer is not None:
+          for k, v in train_means.items():
+            writer.add_scalar(f'train/{k}', v, done)
+          writer.flush()
+        t_last, steps_last = time.time(), 0
+      if is_ckpt:
+        save(done)
+      if is_eval:
+        run_eval(done)
+    if pending is not None:
+      consume(pending)
+    pbar.close()
+    run_eval(total)
+    ckpt.wait_until_finished()
+    if writer is not None:
+      writer.flush()
+    return state, dict(train=train_means, eval=eval_metrics, steps=total,
+                       init_report=report)
+  finally:
+    ckpt.close()
+    if writer is not None:
+      writer.close()
