@@ -1,6 +1,7 @@
 """Converts an mmdetection 2.x MS R-CNN checkpoint (.pth) into Flax variables.
 
-  python convert_torch_weights.py --config configs/ms_rcnn_r50_caffe_fpn_1x_coco.py \
+  python convert_torch_weights.py \
+      --config configs/ms_rcnn_r50_caffe_fpn_1x_coco.py \
       --checkpoint ms_rcnn_r50_caffe_fpn_1x_coco.pth \
       --output ckpt/ms_rcnn_r50_caffe_fpn_1x_coco
 

@@ -108,6 +108,17 @@ def test_tiny_checkpoints_convert_and_keep_values():
         sd['roi_head.mask_head.upsample.weight'].transpose(2, 3, 0, 1))
 
 
+@pytest.mark.parametrize('set_name', ['r50_caffe_tiny', 'x101_pytorch_tiny'])
+def test_expected_shapes_agree_with_the_detector(set_name):
+  """The converter's own composition equals the spine's parameter tree."""
+  build = pytest.importorskip('msrcnn_jax.modeling.build')
+  cfg = fixture_config(set_name)
+  ours = mmdet.expected_variable_shapes(cfg)
+  spine = {k: tuple(v.shape) for k, v in
+           build.flatten(build.variable_shapes(cfg)).items()}
+  assert ours == spine
+
+
 def _raises(sd, config, *needles, **kwargs):
   with pytest.raises(mmdet.ConversionError) as e:
     mmdet.convert_state_dict(sd, config, **kwargs)

@@ -47,8 +47,8 @@ def test_box_head_matches_mmdet(set_name, image):
   assert _rel(cls, ref['bbox_cls_score'][:n]) <= TOL
   assert _rel(deltas, ref['bbox_pred'][:n]) <= TOL
   # Leading batch axes are kept: (B, R, 7, 7, C) -> (B, R, 81).
-  cls2, _ = head.apply({'params': params['bbox_head']},
-                       jnp.asarray(feats).reshape((2, n // 2) + feats.shape[1:]))
+  batched = jnp.asarray(feats).reshape((2, n // 2) + feats.shape[1:])
+  cls2, _ = head.apply({'params': params['bbox_head']}, batched)
   np.testing.assert_allclose(np.asarray(cls2).reshape(n, 81),
                              np.asarray(cls), rtol=0, atol=1e-5)
 
