@@ -54,3 +54,11 @@ def test_valid_flags_in_larger_bucket(tiny_set):
   v6 = np.asarray(anchors_lib.level_valid_flags(
       (3, 3), anchors_lib.valid_feature_size(np.array([100, 100]), 64), 1))
   assert v6.reshape(3, 3).tolist() == [[1, 1, 0], [1, 1, 0], [0, 0, 0]]
+
+
+def test_anchors_at_equals_grid():
+  base = anchors_lib.base_anchors(16)
+  grid = anchors_lib.grid_anchors(base, (7, 11), 16)
+  idx = np.array([[0, 5, 230], [229, 100, 17]])
+  np.testing.assert_array_equal(
+      np.asarray(anchors_lib.anchors_at(idx, base, 11, 16)), grid[idx])

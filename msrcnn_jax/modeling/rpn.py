@@ -14,7 +14,7 @@ single image in mmdetection has exactly that feature size).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -34,6 +34,7 @@ class RPNHead(nn.Module):
   Attributes:
     feat_channels: channels of ``rpn_conv`` (= FPN channels).
     num_anchors: anchors per location ``A`` (3).
+    dtype: computation dtype (parameters stay float32).
 
   Parameters ``rpn_conv`` (3x3, C -> feat_channels, pad 1, ReLU), ``rpn_cls``
   (1x1 -> A), ``rpn_reg`` (1x1 -> 4A), as mmdetection's keys
@@ -41,15 +42,17 @@ class RPNHead(nn.Module):
   """
   feat_channels: int
   num_anchors: int = 3
+  dtype: Any = jnp.float32
 
   def setup(self):
+    kw = dict(kernel_init=_RPN_INIT, dtype=self.dtype,
+              param_dtype=jnp.float32)
     self.rpn_conv = nn.Conv(self.feat_channels, (3, 3),
-                            padding=((1, 1), (1, 1)), kernel_init=_RPN_INIT,
-                            name='rpn_conv')
+                            padding=((1, 1), (1, 1)), name='rpn_conv', **kw)
     self.rpn_cls = nn.Conv(self.num_anchors, (1, 1), padding='VALID',
-                           kernel_init=_RPN_INIT, name='rpn_cls')
+                           name='rpn_cls', **kw)
     self.rpn_reg = nn.Conv(4 * self.num_anchors, (1, 1), padding='VALID',
-                           kernel_init=_RPN_INIT, name='rpn_reg')
+                           name='rpn_reg', **kw)
 
   def __call__(self, feats: Sequence[jnp.ndarray]
                ) -> tuple[list[jnp.ndarray], list[jnp.ndarray]]:
@@ -71,13 +74,14 @@ class RPNHead(nn.Module):
     return cls, reg
 
 
-def _level_candidates(cls_l, reg_l, anchors_l, vflags_l, k):
+def _level_candidates(cls_l, reg_l, base, stride, vflags_l, k):
   """Top-``k`` valid anchors of one level for a batch.
 
   Args:
     cls_l: ``(B, H, W, A)`` logits.
     reg_l: ``(B, H, W, 4A)`` deltas.
-    anchors_l: ``(H*W*A, 4)`` anchors.
+    base: ``(A, 4)`` base anchors of the level.
+    stride: level stride.
     vflags_l: ``(B, H*W*A)`` bool.
     k: static count (``<= H*W*A``).
 
@@ -94,7 +98,7 @@ def _level_candidates(cls_l, reg_l, anchors_l, vflags_l, k):
   top, idx = jax.lax.top_k(masked, k)
   valid = top > -jnp.inf
   deltas = jnp.take_along_axis(deltas, idx[..., None], axis=1)
-  anchors = jnp.asarray(anchors_l)[idx]
+  anchors = anchors_lib.anchors_at(idx, base, cls_l.shape[2], stride)
   return jnp.where(valid, top, 0.), deltas, anchors, valid
 
 
@@ -141,8 +145,7 @@ def get_proposals(cls_logits: Sequence[jnp.ndarray],
   img_shape = jnp.asarray(img_shape)
   pad_shape = jnp.asarray(pad_shape)
   feat_sizes = [tuple(c.shape[1:3]) for c in cls_logits]
-  anchors = anchors_lib.multilevel_anchors(feat_sizes, strides, scales, ratios)
-  ks = [min(nms_pre, a.shape[0]) for a in anchors]
+  ks = [min(nms_pre, h * w * num_anchors) for h, w in feat_sizes]
   p = max(ks)
 
   s_all, d_all, a_all, v_all = [], [], [], []
@@ -151,8 +154,9 @@ def get_proposals(cls_logits: Sequence[jnp.ndarray],
         feat_sizes[lvl], anchors_lib.valid_feature_size(pad_shape,
                                                         strides[lvl]),
         num_anchors)
-    s, d, a, v = _level_candidates(cls_logits[lvl], reg_deltas[lvl],
-                                   anchors[lvl], vflags, ks[lvl])
+    base = anchors_lib.base_anchors(strides[lvl], scales, ratios)
+    s, d, a, v = _level_candidates(cls_logits[lvl], reg_deltas[lvl], base,
+                                   strides[lvl], vflags, ks[lvl])
     pad = p - ks[lvl]
     s_all.append(jnp.pad(s, ((0, 0), (0, pad))))
     d_all.append(jnp.pad(d, ((0, 0), (0, pad), (0, 0))))

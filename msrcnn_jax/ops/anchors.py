@@ -76,6 +76,32 @@ def grid_anchors(base: np.ndarray, feat_hw: tuple[int, int],
   return (base[None, :, :] + shifts).reshape(-1, 4).astype(np.float32)
 
 
+def anchors_at(indices: jnp.ndarray, base: np.ndarray, feat_w: int,
+               stride: int) -> jnp.ndarray:
+  """Anchors at flat ``(y, x, a)`` indices, without materialising the grid.
+
+  Bit-identical to ``grid_anchors(base, (H, feat_w), stride)[indices]``
+  (the same float32 ``base + shift`` addition; shifts are exact integers).
+
+  Args:
+    indices: int ``(...)`` flat indices ``(y * feat_w + x) * A + a``.
+    base: ``(A, 4)`` float32 base anchors.
+    feat_w: static feature map width.
+    stride: level stride.
+
+  Returns:
+    ``(..., 4)`` float32 anchors.
+  """
+  num_anchors = base.shape[0]
+  indices = jnp.asarray(indices, jnp.int32)
+  a = indices % num_anchors
+  cell = indices // num_anchors
+  sx = (cell % feat_w).astype(jnp.float32) * jnp.float32(stride)
+  sy = (cell // feat_w).astype(jnp.float32) * jnp.float32(stride)
+  shifts = jnp.stack([sx, sy, sx, sy], axis=-1)
+  return jnp.asarray(base)[a] + shifts
+
+
 def feature_sizes(bucket_hw: tuple[int, int],
                   strides: Sequence[int] = DEFAULT_STRIDES
                   ) -> list[tuple[int, int]]:
