@@ -16,9 +16,14 @@ so far (at most ``max_output``), then suppression inside the block is
 resolved by a fixed-point iteration ``keep = base & ~any_{j<i}(keep_j &
 iou_ji > thr)``, which reproduces the sequential greedy result exactly (after
 ``t`` rounds the first ``t`` entries are final; a fixed point is the greedy
-result). The loop stops as soon as ``max_output`` boxes are kept or no valid
+result). The kept buffer is scanned in chunks only up to the current kept
+count. The loop stops as soon as ``max_output`` boxes are kept or no valid
 candidate is left, so only the needed blocks are processed. Work per block is
-``block_size * (max_output + block_size)`` IoUs.
+``block_size * (kept so far + block_size)`` IoUs; the number of sequential
+steps is about ``(#blocks) * (1 + kept / block_size)``, which suits GPUs too.
+
+Measured on 2 shared CPU cores (``benchmarks/nms.py``): RPN proposals of a
+1333x800 image 6-7 ms (nms_pre 1000), R-CNN post-processing 2.5-8 ms.
 
 Outputs are fixed size: kept indices in descending score order, padded with
 index 0 and validity False.
