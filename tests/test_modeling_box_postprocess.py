@@ -56,7 +56,8 @@ def test_detections_match_mmdet(set_name, image):
   _assert_matches(d, out['boxes'][0], out['scores'][0], out['labels'][0],
                   out['valid'][0])
   pad = ~out['valid'][0]
-  assert (out['boxes'][0][pad] == 0).all() and (out['scores'][0][pad] == 0).all()
+  assert (out['boxes'][0][pad] == 0).all()
+  assert (out['scores'][0][pad] == 0).all()
 
 
 def test_batch_with_invalid_rois():

@@ -5,7 +5,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from conftest import fixture_config, fixture_path, load_npz
 from msrcnn_jax.modeling.rpn import RPNHead, get_proposals

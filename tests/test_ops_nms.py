@@ -1,4 +1,4 @@
-"""Tests of msrcnn_jax.ops.nms against hand-computed cases and a numpy oracle."""
+"""msrcnn_jax.ops.nms against hand-computed cases and a numpy oracle."""
 
 import functools
 
