@@ -201,6 +201,10 @@ def test_truncated_or_missing_file_is_named(tmp_path, set_name):
     mmdet.load_torch_checkpoint(path)
   with pytest.raises(mmdet.ConversionError, match='not found'):
     mmdet.load_torch_checkpoint(str(tmp_path / 'nope.pth'))
+  text = tmp_path / 'notes.pth'
+  text.write_text('not a checkpoint')
+  with pytest.raises(mmdet.ConversionError, match='notes.pth'):
+    mmdet.load_torch_checkpoint(str(text))
 
 
 def test_backbone_only_imagenet_keys():

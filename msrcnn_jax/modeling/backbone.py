@@ -157,6 +157,9 @@ class ResNet(nn.Module):
       C = 4 * base_channels * (1, 2, 4, 8); zero beyond
       ``valid_size(valid_hw, s)``.
     """
+    if x.shape[1] % 32 or x.shape[2] % 32:
+      raise ValueError(f'input height and width must be multiples of 32 '
+                       f'(size_divisor), got {x.shape}')
     x = layers.mask_invalid(x.astype(self.dtype), valid_hw)
     y = nn.relu(self.bn1(self.conv1(x)))
     y = layers.mask_invalid(y, layers.valid_size(valid_hw, 2), -jnp.inf)

@@ -65,6 +65,13 @@ class FPN(nn.Module):
     n = len(self.in_channels)
     if len(feats) != n:
       raise ValueError(f'expected {n} feature maps, got {len(feats)}')
+    for hi, lo in zip(feats[:-1], feats[1:]):
+      if hi.shape[1:3] != (2 * lo.shape[1], 2 * lo.shape[2]):
+        # mmdetection interpolates to the finer size; with /32 padding that
+        # is an exact 2x repeat, which is all we implement.
+        raise ValueError('FPN needs every level exactly 2x the next (input '
+                         f'padded to a multiple of 32); got {hi.shape} and '
+                         f'{lo.shape}')
     strides = [4 * 2**i for i in range(self.num_outs)]
     laterals = [conv(f) for conv, f in zip(self.lateral_convs, feats)]
     for i in range(n - 1, 0, -1):
