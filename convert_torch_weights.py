@@ -17,6 +17,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from msrcnn_jax.convert import checkpoint_io
@@ -32,6 +33,8 @@ _BACKBONE_ONLY = flags.DEFINE_bool(
 
 def main(argv):
   del argv
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save step
   config = _CONFIG.value
   if config is None or not _CHECKPOINT.value or not _OUTPUT.value:
     print('--config, --checkpoint and --output are required', file=sys.stderr)
