@@ -18,7 +18,7 @@ from msrcnn_jax.ops import roi_align as ra
 
 
 def random_boxes(rng, n, img_hw=(800, 1333), max_ratio=8.):
-  """COCO-like RoIs: log-uniform size 8..800 px, aspect ratio up to 1:8."""
+  """RoIs with log-uniform size 8..800 px and aspect ratio up to 1:8."""
   size = np.exp(rng.uniform(np.log(8), np.log(800), n))
   ratio = np.exp(rng.uniform(-np.log(max_ratio), np.log(max_ratio), n))
   w = np.minimum(size * np.sqrt(ratio), img_hw[1])
@@ -35,16 +35,21 @@ def exact_fraction(boxes, out, max_samples, strides=(4, 8, 16, 32)):
   return float(np.mean(np.ceil(side / out) <= max_samples))
 
 
-def bench(feats, boxes, pad, out, max_samples, chunk, reps):
-  fn = jax.jit(lambda f, b, p: ra.multilevel_roi_align(
-      f, b, p, output_size=out, max_samples=max_samples, chunk=chunk))
+def bench(feats, boxes, pad, out, max_samples, chunk, reps, grad=False):
+  fn = lambda f, b, p: ra.multilevel_roi_align(
+      f, b, p, output_size=out, max_samples=max_samples, chunk=chunk)
+  if grad:  # forward + backward w.r.t. the features (training).
+    fwd = fn
+    fn = jax.grad(lambda f, b, p: jnp.sum(fwd(f, b, p) ** 2))
+  fn = jax.jit(fn)
+  block = lambda x: jax.block_until_ready(x)
   t0 = time.perf_counter()
-  fn(feats, boxes, pad).block_until_ready()
+  block(fn(feats, boxes, pad))
   compile_s = time.perf_counter() - t0
   times = []
   for _ in range(reps):
     t0 = time.perf_counter()
-    fn(feats, boxes, pad).block_until_ready()
+    block(fn(feats, boxes, pad))
     times.append(time.perf_counter() - t0)
   return compile_s, 1e3 * float(np.median(times))
 
@@ -57,6 +62,8 @@ def main():
   p.add_argument('--batch', type=int, default=1)
   p.add_argument('--channels', type=int, default=256)
   p.add_argument('--reps', type=int, default=3)
+  p.add_argument('--grad', action='store_true',
+                 help='time forward + backward (features gradient)')
   args = p.parse_args()
   rng = np.random.default_rng(0)
   b, c = args.batch, args.channels
@@ -70,9 +77,10 @@ def main():
     boxes = np.stack([random_boxes(rng, n) for _ in range(b)])
     frac = exact_fraction(boxes.reshape(-1, 4), out, s)
     comp, ms = bench(feats, jnp.asarray(boxes), pad, out, s, args.chunk,
-                     args.reps)
-    print(f'{n} RoIs x {out}x{out}, max_samples {s}: compile {comp:.2f} s, '
-          f'{ms:.1f} ms/call, exact RoIs {100 * frac:.1f}%')
+                     args.reps, args.grad)
+    what = 'fwd+bwd' if args.grad else 'fwd'
+    print(f'{n} RoIs x {out}x{out}, max_samples {s} ({what}): compile '
+          f'{comp:.2f} s, {ms:.1f} ms/call, exact RoIs {100 * frac:.1f}%')
 
 
 if __name__ == '__main__':

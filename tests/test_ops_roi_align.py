@@ -1,4 +1,4 @@
-"""RoIAlign against hand-computed values, an mmcv loop reference and fixtures."""
+"""RoIAlign vs hand-computed values, an mmcv loop reference and fixtures."""
 
 import math
 
@@ -227,3 +227,19 @@ def test_bucket_padding_invariance():
   np.testing.assert_array_equal(np.asarray(big), np.asarray(small))
   np.testing.assert_array_equal(np.asarray(small[1]),
                                 np.asarray(small[0])[::-1])
+
+
+def test_indexed_maps_mask_targets():
+  # Each RoI samples its own GT map (mask targets, spatial_scale 1, 28x28).
+  from msrcnn_jax.ops.roi_align import roi_align_indexed
+  rng = np.random.default_rng(3)
+  maps = (rng.uniform(size=(3, 40, 50, 1)) > .5).astype(np.float32)
+  boxes = np.asarray([[2., 3., 30., 37.], [0., 0., 50., 40.],
+                      [10.5, 4.2, 47.9, 20.1], [5., 5., 5., 9.]], np.float32)
+  index = np.asarray([2, 0, 1, 2], np.int32)
+  got = np.asarray(roi_align_indexed(jnp.asarray(maps), jnp.asarray(index),
+                                     jnp.asarray(boxes), 1., 28,
+                                     max_samples=2))
+  for i in range(4):
+    ref = roi_align_loop(maps[index[i]], boxes[i:i + 1], 1., 28)
+    np.testing.assert_allclose(got[i], ref[0], atol=1e-5)

@@ -1,4 +1,4 @@
-"""RoIAlign and mmdetection's multi-level RoI extractor (spec §1.6, §2.3, §5.9).
+"""RoIAlign and mmdetection's multi-level RoI extractor (spec §1.6, §2.3).
 
 mmcv's ``RoIAlign(aligned=True, pool_mode='avg', sampling_ratio=0)`` with
 static shapes. For one RoI and output bin ``(ph, pw)`` mmcv averages bilinear
@@ -11,8 +11,7 @@ weights; the output is
 
     out[ph, pw] = sum_{a, b} Wy[ph, a] Wx[pw, b] F[Ry[ph, a], Rx[pw, b]]
 
-i.e. a gather of ``(out * slots)^2`` feature vectors per RoI and two small
-contractions (no dense full-map products).
+with no dense full-map products.
 
 Exactness (the static cap, spec §5.9): a bin side with ``grid <= max_samples``
 (RoI side ``<= output_size * max_samples`` feature pixels) touches at most
@@ -20,11 +19,23 @@ Exactness (the static cap, spec §5.9): a bin side with ``grid <= max_samples``
 whose adaptive grid exceeds ``max_samples`` is approximated: it is sampled
 with ``(max_samples + 2) // 2`` points per bin side, evenly spread over the bin
 exactly as mmcv spreads its own points (positions ``(i + .5) * bin / n``,
-same bilinear rules), two slots per point. With the default ``max_samples=8``
-the exact range is 56 feature px per side for 7x7 (bbox) and 112 for 14x14
-(mask) outputs: see ``benchmarks/roi_align.py`` and the report for which
-COCO boxes this covers (all boxes with aspect ratio <= 4 at P2..P4 and every
-box inside a 1333x800 image at P5).
+same bilinear rules), two slots per point. The exact range is
+``output_size * max_samples`` feature px per side. Level mapping puts boxes
+with sqrt(area) < 28 * stride on P2..P4 (P5 takes the rest), so a box of
+aspect ratio r has a long side < 28 * sqrt(r) feature px there:
+  * max_samples=8: 7x7 exact for r <= 4 (and r = 8 below ~20 px mean side);
+    14x14 exact for r <= 16;
+  * max_samples=16 (default): 7x7 exact for r <= 16, 14x14 for r <= 64;
+  * P5 boxes inside a 1333x800 image are at most 41.7 feature px: always
+    exact for max_samples >= 6.
+``benchmarks/roi_align.py --analysis`` prints these fractions.
+
+Cost: RoIs are sorted by the slots they use and pooled in chunks; each chunk
+loops only over its used slot pairs (a gather of ``chunk x out x out``
+C-vectors and a multiply-add per pair), so small RoIs stay cheap whatever
+the cap.
+Memory stays ``O(chunk * out^2 * C)``. The backward (features only, as mmcv)
+is a custom VJP that scatter-adds along the same slots.
 
 Bilinear rules (mmcv ``bilinear_interpolate``), with H, W the *valid* feature
 size of the image (``ceil(pad_shape / stride)``), never the bucket size, so
@@ -38,12 +49,16 @@ bucket padding does not change the output:
 from __future__ import annotations
 
 import functools
-import math
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 
+# Default cap on samples per bin side. The pooling loop only visits the
+# slots RoIs use, so a large cap costs little: 16 keeps every RoI side up to
+# 112 feature px (7x7) / 224 px (14x14) exact, i.e. every box with aspect
+# ratio <= 16 on P2..P4 and every box of a 1333x800 image on P5.
+DEFAULT_MAX_SAMPLES = 16
 
 
 def map_roi_levels(boxes: jnp.ndarray, num_levels: int = 4,
@@ -158,7 +173,8 @@ def _tap_loop(flat, rowoff, wy, rx, wx, ny, nx, cot=None):
   """Weighted-gather over one chunk's slots, skipping unused slots.
 
   Forward (``cot is None``): returns ``(chunk, out, out, C)`` float32
-  ``sum_{k<ny, l<nx} wy[:, :, k] wx[:, :, l] flat[rowoff[:, :, k] + rx[..., l]]``.
+  ``sum_{k<ny, l<nx} wy[:, p, k] * wx[:, q, l]
+  * flat[rowoff[:, p, k] + rx[:, q, l]]`` (``p, q`` the output bins).
   Backward: scatter-adds ``cot`` (same shape) into ``flat`` (the running
   gradient table) and returns it.
   """
@@ -266,11 +282,9 @@ def _roi_align_flat(flat, boxes, spatial_scale, valid_h, valid_w, row_stride,
   return pooled[inverse].astype(flat.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    'spatial_scale', 'output_size', 'max_samples', 'sampling_ratio',
-    'aligned', 'chunk'))
 def roi_align(feat: jnp.ndarray, boxes: jnp.ndarray, spatial_scale: float,
-              output_size: int, max_samples: int = 8, valid_hw=None,
+              output_size: int, max_samples: int = DEFAULT_MAX_SAMPLES,
+              valid_hw=None,
               sampling_ratio: int = 0, aligned: bool = True,
               chunk: int | None = None) -> jnp.ndarray:
   """mmcv RoIAlign (avg pooling) of RoIs on one image's feature map.
@@ -295,13 +309,21 @@ def roi_align(feat: jnp.ndarray, boxes: jnp.ndarray, spatial_scale: float,
 
   Returns:
     ``(N, output_size, output_size, C)`` in ``feat.dtype``. Degenerate RoIs
-    (size <= 0) give zeros.
+    (size <= 0) give zeros. Differentiable w.r.t. ``feat`` only (as mmcv).
   """
+  if valid_hw is None:
+    valid_hw = feat.shape[:2]
+  return _roi_align_jit(feat, boxes, jnp.asarray(valid_hw, jnp.int32),
+                        float(spatial_scale), int(output_size),
+                        int(max_samples), int(sampling_ratio), bool(aligned),
+                        chunk)
+
+
+@functools.partial(jax.jit, static_argnums=tuple(range(3, 9)))
+def _roi_align_jit(feat, boxes, valid_hw, spatial_scale, output_size,
+                   max_samples, sampling_ratio, aligned, chunk):
   hh, ww, c = feat.shape
   n = boxes.shape[0]
-  if valid_hw is None:
-    valid_hw = (hh, ww)
-  valid_hw = jnp.asarray(valid_hw, jnp.int32)
   vh = jnp.clip(jnp.broadcast_to(valid_hw[0], (n,)), 1, hh)
   vw = jnp.clip(jnp.broadcast_to(valid_hw[1], (n,)), 1, ww)
   return _roi_align_flat(
@@ -310,12 +332,59 @@ def roi_align(feat: jnp.ndarray, boxes: jnp.ndarray, spatial_scale: float,
       output_size, max_samples, sampling_ratio, aligned, chunk)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    'strides', 'output_size', 'max_samples', 'finest_scale', 'chunk'))
+def roi_align_indexed(maps: jnp.ndarray, map_index: jnp.ndarray,
+                      boxes: jnp.ndarray, spatial_scale: float,
+                      output_size: int,
+                      max_samples: int = DEFAULT_MAX_SAMPLES, valid_hw=None,
+                      chunk: int | None = None) -> jnp.ndarray:
+  """RoIAlign where RoI i samples its own map ``maps[map_index[i]]``.
+
+  For mask targets (spec §3.3): ``maps`` = the GT bitmaps of one image as
+  ``(G, H, W, 1)`` float, ``map_index`` = each positive RoI's assigned GT,
+  ``spatial_scale=1``, ``output_size=28``; binarise the result ``>= 0.5``.
+  Mask RoIs are large in mask pixels (ceil(side / 28) samples per bin): pass
+  ``max_samples >= ceil(max(pad_shape) / 28)`` (48 for 1333 px) to stay
+  exact; the cost only grows with the samples RoIs actually use.
+
+  Args:
+    maps: ``(G, H, W, C)`` maps (H, W may be bucket padded).
+    map_index: ``(N,)`` int32 in ``[0, G)``.
+    boxes: ``(N, 4)`` float boxes (x1, y1, x2, y2) in map pixels /
+      ``spatial_scale``.
+    spatial_scale, output_size, max_samples, chunk: as ``roi_align``
+      (aligned, adaptive sampling).
+    valid_hw: ``(h, w)`` valid size of the maps (default: array size).
+
+  Returns:
+    ``(N, output_size, output_size, C)`` in ``maps.dtype``.
+  """
+  if valid_hw is None:
+    valid_hw = maps.shape[1:3]
+  return _roi_align_indexed_jit(
+      maps, jnp.asarray(map_index, jnp.int32), boxes,
+      jnp.asarray(valid_hw, jnp.int32), float(spatial_scale),
+      int(output_size), int(max_samples), chunk)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
+def _roi_align_indexed_jit(maps, map_index, boxes, valid_hw, spatial_scale,
+                           output_size, max_samples, chunk):
+  g, hh, ww, c = maps.shape
+  n = boxes.shape[0]
+  vh = jnp.clip(jnp.broadcast_to(valid_hw[0], (n,)), 1, hh)
+  vw = jnp.clip(jnp.broadcast_to(valid_hw[1], (n,)), 1, ww)
+  base = jnp.clip(map_index, 0, g - 1) * (hh * ww)
+  return _roi_align_flat(
+      maps.reshape(g * hh * ww, c), boxes.astype(jnp.float32), spatial_scale,
+      vh, vw, jnp.full((n,), ww, jnp.int32), base, output_size, max_samples,
+      0, True, chunk)
+
+
 def multilevel_roi_align(feats: Sequence[jnp.ndarray], boxes: jnp.ndarray,
                          pad_shape: jnp.ndarray,
                          strides: Sequence[int] = (4, 8, 16, 32),
-                         output_size: int = 7, max_samples: int = 8,
+                         output_size: int = 7,
+                         max_samples: int = DEFAULT_MAX_SAMPLES,
                          finest_scale: float = 56.,
                          chunk: int | None = None) -> jnp.ndarray:
   """mmdetection's SingleRoIExtractor over FPN levels (spec §1.6, §2.3).
@@ -340,8 +409,16 @@ def multilevel_roi_align(feats: Sequence[jnp.ndarray], boxes: jnp.ndarray,
 
   Returns:
     ``(B, N, output_size, output_size, C)`` in the features' dtype.
+    Differentiable w.r.t. ``feats`` only (as mmcv).
   """
-  strides = tuple(strides)
+  return _multilevel_jit(list(feats), boxes, pad_shape,
+                         tuple(int(s) for s in strides), int(output_size),
+                         int(max_samples), float(finest_scale), chunk)
+
+
+@functools.partial(jax.jit, static_argnums=tuple(range(3, 8)))
+def _multilevel_jit(feats, boxes, pad_shape, strides, output_size,
+                    max_samples, finest_scale, chunk):
   num_levels = len(strides)
   assert len(feats) == num_levels, (len(feats), strides)
   bsz, n = boxes.shape[:2]
