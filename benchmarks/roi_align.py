@@ -4,7 +4,8 @@ Prints compile time and ms per call (after compile) for
 ``multilevel_roi_align`` with 1000 RoIs x 7x7 (bbox) and 100 RoIs x 14x14
 (mask), and the fraction of RoIs that are exact under the sample cap.
 
-  python benchmarks/roi_align.py [--max-samples 8] [--chunk 32] [--batch 1]
+  python benchmarks/roi_align.py [--max-samples 16] [--chunk 32] [--batch 1]
+      [--grad] [--analysis]
 """
 
 import argparse
@@ -35,6 +36,27 @@ def exact_fraction(boxes, out, max_samples, strides=(4, 8, 16, 32)):
   return float(np.mean(np.ceil(side / out) <= max_samples))
 
 
+def analysis(caps=(4, 8, 16), ratios=(1, 2, 4, 8, 16)):
+  """Exact fraction per aspect ratio: sqrt(area) log-uniform 16..800 px."""
+  rng = np.random.default_rng(0)
+  n = 20000
+  print('exact RoIs (%) by aspect ratio; sqrt(area) log-uniform 16..800 px '
+        'in a 1333x800 image, either orientation')
+  print('out cap ' + ' '.join(f'{"1:" + str(r):>7}' for r in ratios))
+  for out in (7, 14):
+    for cap in caps:
+      row = []
+      for r in ratios:
+        size = np.exp(rng.uniform(np.log(16), np.log(800), n))
+        flip = rng.uniform(size=n) < .5
+        long = np.minimum(size * np.sqrt(r), np.where(flip, 800, 1333))
+        short = np.minimum(size * size / long, np.where(flip, 1333, 800))
+        w, h = np.where(flip, short, long), np.where(flip, long, short)
+        boxes = np.stack([0 * w, 0 * h, w, h], -1).astype(np.float32)
+        row.append(100 * exact_fraction(boxes, out, cap))
+      print(f'{out:>3} {cap:>3} ' + ' '.join(f'{v:7.1f}' for v in row))
+
+
 def bench(feats, boxes, pad, out, max_samples, chunk, reps, grad=False):
   fn = lambda f, b, p: ra.multilevel_roi_align(
       f, b, p, output_size=out, max_samples=max_samples, chunk=chunk)
@@ -56,7 +78,8 @@ def bench(feats, boxes, pad, out, max_samples, chunk, reps, grad=False):
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument('--max-samples', type=int, default=8)
+  p.add_argument('--max-samples', type=int,
+                 default=ra.DEFAULT_MAX_SAMPLES)
   p.add_argument('--mask-max-samples', type=int, default=None)
   p.add_argument('--chunk', type=int, default=None)
   p.add_argument('--batch', type=int, default=1)
@@ -64,7 +87,12 @@ def main():
   p.add_argument('--reps', type=int, default=3)
   p.add_argument('--grad', action='store_true',
                  help='time forward + backward (features gradient)')
+  p.add_argument('--analysis', action='store_true',
+                 help='only print the exact fractions per aspect ratio')
   args = p.parse_args()
+  if args.analysis:
+    analysis()
+    return
   rng = np.random.default_rng(0)
   b, c = args.batch, args.channels
   pad = jnp.asarray([[800, 1344]] * b, jnp.int32)

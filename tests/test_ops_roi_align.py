@@ -44,10 +44,11 @@ def roi_align_loop(feat, boxes, scale, out, valid_hw=None, cap=None):
   h, w = valid_hw if valid_hw is not None else feat.shape[:2]
   feat = feat.astype(np.float64)
   res = np.zeros((len(boxes), out, out, feat.shape[-1]))
+  f32 = np.float32
   for n, box in enumerate(np.asarray(boxes, np.float32)):
-    x1, y1, x2, y2 = (float(np.float32(v) * np.float32(scale)
-                            - np.float32(.5)) for v in box)
-    bh, bw = (y2 - y1) / out, (x2 - x1) / out
+    # float32 arithmetic as mmcv (the grid size ceil(bin) is sensitive).
+    x1, y1, x2, y2 = (v * f32(scale) - f32(.5) for v in box)
+    bh, bw = (y2 - y1) / f32(out), (x2 - x1) / f32(out)
     gh, gw = math.ceil(bh), math.ceil(bw)
     count = max(gh * gw, 1)
     if cap is not None:
@@ -58,10 +59,10 @@ def roi_align_loop(feat, boxes, scale, out, valid_hw=None, cap=None):
       for pw in range(out):
         acc = 0.
         for iy in range(gh):
-          y = y1 + ph * bh + (iy + .5) * bh / gh
+          y = y1 + f32(ph) * bh + f32(iy + .5) * bh / f32(gh)
           for ix in range(gw):
-            x = x1 + pw * bw + (ix + .5) * bw / gw
-            acc = acc + _bilinear(feat, h, w, y, x)
+            x = x1 + f32(pw) * bw + f32(ix + .5) * bw / f32(gw)
+            acc = acc + _bilinear(feat, h, w, float(y), float(x))
         res[n, ph, pw] = acc / count
   return res
 
@@ -243,3 +244,22 @@ def test_indexed_maps_mask_targets():
   for i in range(4):
     ref = roi_align_loop(maps[index[i]], boxes[i:i + 1], 1., 28)
     np.testing.assert_allclose(got[i], ref[0], atol=1e-5)
+
+
+@pytest.mark.parametrize('max_samples,out', [(1, 2), (2, 3), (3, 2)])
+def test_stress_grid_edges(max_samples, out):
+  # Many small RoIs, half with quarter-pixel sizes (integer bin sizes, where
+  # ceil(bin) and the slot window are at their edges), against the loop
+  # reference with the same cap.
+  rng = np.random.default_rng(5)
+  feat = rng.normal(size=(9, 11, 1)).astype(np.float32)
+  n = 500
+  ctr = rng.uniform(-5, 50, size=(n, 2))
+  wh = rng.uniform(0, 30, size=(n, 2))
+  wh = np.where(rng.uniform(size=(n, 2)) < .5, np.round(wh * 4) / 4, wh)
+  boxes = np.concatenate([ctr - wh / 2, ctr + wh / 2], 1).astype(np.float32)
+  got = _run(feat, boxes, out, scale=.5, max_samples=max_samples,
+             valid_hw=(8, 10))
+  ref = roi_align_loop(feat, boxes, .5, out, valid_hw=(8, 10),
+                       cap=max_samples)
+  np.testing.assert_allclose(got, ref, atol=1e-5)
