@@ -178,7 +178,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     config: the full config (``msrcnn_jax.config.ms_rcnn_config``).
     workdir: checkpoints go to ``workdir/checkpoints``, TensorBoard events
       to ``workdir``.
-    task: init/loss/mask provider (default: ``DetectorTask(config)``).
+    task: init/loss/mask provider (default: ``DetectorTask(config,
+      workdir)``).
     train_iter_fn: ``(config, start_step) -> iterator`` of host-local numpy
       batches of ``global_batch_size / process_count`` images, starting at
       global batch number ``start_step`` (default:
@@ -209,7 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   if task is None:
     from msrcnn_jax.training.task import DetectorTask  # pylint: disable=g-import-not-at-top
-    task = DetectorTask(config)
+    task = DetectorTask(config, workdir)
   if eval_fn is None:
     eval_fn = getattr(task, 'eval_fn', None)
   if train_iter_fn is None:
@@ -219,11 +220,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                     keep=int(t.keep_checkpoints))
   writer = _make_writer(workdir)
+  source_iter = None
   try:
     latest = ckpt.latest_step()
     meta = ckpt.metadata(latest) if latest is not None else {}
     data_position = int(meta.get('data_position', latest or 0))
-    batches = train_iter_fn(config, data_position)
+    batches = source_iter = train_iter_fn(config, data_position)
     first = next(batches)
     batches = itertools.chain([first], batches)
 
@@ -368,6 +370,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     return state, dict(train=train_means, eval=eval_metrics, steps=total,
                        init_report=report)
   finally:
+    if hasattr(source_iter, 'close'):
+      source_iter.close()     # stops the data pipeline's workers
     ckpt.close()
     if writer is not None:
       writer.close()

@@ -1,0 +1,51 @@
+r"""Trains Mask Scoring R-CNN (thin entry point over ``train_and_evaluate``).
+
+  python train.py                                  # configs/quickstart_synthetic.py
+  python train.py --config=configs/ms_rcnn_r50_caffe_fpn_1x_coco.py \
+      --config.data.coco_dir=/data/coco --workdir=/ckpt/r50_1x \
+      --config.train.init_checkpoint=/ckpt/resnet50_caffe_converted
+  python train.py --config.train.max_steps=100 --config.train.compute_dtype=bfloat16
+
+Any ``--config.<path>=<value>`` overrides a config key. Re-running with the
+same ``--workdir`` resumes from its newest checkpoint. On several hosts run the
+same command on every host (see README: TPU pod slices and multi-node GPU).
+"""
+
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', os.path.join(_HERE, 'configs', 'quickstart_synthetic.py'),
+    'Config file (a python file with get_config()).', lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None,
+    'Checkpoints, TensorBoard events and evaluation output '
+    '(default ./workdir/<config.name>).')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Before any JAX computation: joins the other hosts when there are any.
+  from msrcnn_jax.training import partitioning  # pylint: disable=g-import-not-at-top
+  partitioning.maybe_initialize_distributed()
+  from msrcnn_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  config = _CONFIG.value
+  workdir = _WORKDIR.value or os.path.join('workdir', config.name)
+  logging.info('Config %s, workdir %s', config.name, os.path.abspath(workdir))
+  # The detector task is imported lazily (it pulls in the whole model).
+  from msrcnn_jax.training.task import DetectorTask  # pylint: disable=g-import-not-at-top
+  task = DetectorTask(config, workdir)
+  _, metrics = trainer.train_and_evaluate(config, workdir, task=task)
+  logging.info('Final metrics: %s', {k: v for k, v in metrics.items()
+                                     if k != 'init_report'})
+
+
+if __name__ == '__main__':
+  app.run(main)
