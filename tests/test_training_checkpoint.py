@@ -125,3 +125,33 @@ def test_crash_during_save_keeps_previous(tmp_path, monkeypatch):
   _assert_same(state, restored)
   assert fresh.metadata(0)['data_position'] == 0
   fresh.close()
+
+
+def test_init_checkpoint_backbone_only(tmp_path):
+  from msrcnn_jax.convert import checkpoint_io
+  from msrcnn_jax.training import partitioning
+  task = StandInTask()
+  init = jax.jit(task.init_variables)
+  ours = jax.device_get(init(jax.random.key(0), make_batch(0, 1)))
+  other = jax.device_get(init(jax.random.key(7), make_batch(0, 1)))
+  backbone = {'params': {'backbone': other['params']['backbone']},
+              'batch_stats': {'backbone': other['batch_stats']['backbone']}}
+  checkpoint_io.save_variables(str(tmp_path / 'bb'), backbone,
+                               {'config_name': 'standin', 'source': 'test'})
+  mesh = partitioning.make_mesh()
+  merged, report = trainer._load_init_checkpoint(
+      str(tmp_path / 'bb'), ours, partitioning.replicated_sharding(mesh))
+  np.testing.assert_array_equal(
+      merged['params']['backbone']['layer2_0']['conv1']['kernel'],
+      other['params']['backbone']['layer2_0']['conv1']['kernel'])
+  np.testing.assert_array_equal(merged['params']['head']['kernel'],
+                                ours['params']['head']['kernel'])
+  assert report['num_missing'] == 4      # neck and head kernel/bias
+  assert 'params/head/kernel' in report['missing']
+  bad_shape = jax.tree.map(lambda x: x, backbone)
+  bad_shape['params']['backbone']['conv1']['kernel'] = np.zeros((5, 4))
+  with pytest.raises(ValueError, match='shape mismatches.*conv1/kernel'):
+    trainer.merge_init_variables(ours, bad_shape)
+  extra = {'params': {'backbone': {'fc': {'kernel': np.zeros((2, 2))}}}}
+  with pytest.raises(ValueError, match='unexpected.*backbone/fc/kernel'):
+    trainer.merge_init_variables(ours, extra)

@@ -107,6 +107,9 @@ def _load_init_checkpoint(path: str, variables, replicated):
   # Written by the MODEL helper; imported lazily.
   from msrcnn_jax.convert import checkpoint_io  # pylint: disable=g-import-not-at-top
   loaded = checkpoint_io.load_variables(path)
+  if isinstance(loaded, tuple):       # (variables, metadata)
+    loaded, ckpt_meta = loaded
+    logging.info('init_checkpoint metadata: %s', ckpt_meta)
   merged, report = merge_init_variables(variables, loaded)
   logging.info('init_checkpoint %s: loaded %d leaves, %d kept at init%s',
                path, report['num_loaded'], report['num_missing'],
