@@ -85,8 +85,9 @@ def ms_rcnn_config(*,
   m.roi_head = ml_collections.ConfigDict()
   m.roi_head.featmap_strides = [4, 8, 16, 32]
   m.roi_head.finest_scale = 56
-  # Static cap on RoIAlign's adaptive sample count per bin side (spec §5.9).
-  m.roi_head.roi_align_max_samples = 8
+  # Static cap on RoIAlign's adaptive sample count per bin side (spec §5.9):
+  # exact for every RoI side up to output_size * 16 feature pixels.
+  m.roi_head.roi_align_max_samples = 16
   m.roi_head.bbox_roi_extractor = dict(output_size=7, sampling_ratio=0,
                                        aligned=True)
   m.roi_head.mask_roi_extractor = dict(output_size=14, sampling_ratio=0,

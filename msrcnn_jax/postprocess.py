@@ -50,13 +50,15 @@ def outputs_to_records(outputs: dict[str, Any],
   out = {k: np.asarray(outputs[k]) for k in (
       'boxes', 'scores', 'labels', 'valid', 'mask_logits', 'mask_iou',
       'mask_scores')}
+  paste = np.asarray(outputs.get('paste_boxes', out['boxes']))
   records = []
   for b, meta in enumerate(metas):
     keep = np.nonzero(out['valid'][b])[0]
     h, w = (int(v) for v in meta['ori_shape'][:2])
     boxes = out['boxes'][b, keep].astype(np.float32)
     probs = sigmoid(out['mask_logits'][b, keep])
-    bitmaps = paste_masks(probs, boxes, (h, w), threshold=mask_thr)
+    bitmaps = paste_masks(probs, paste[b, keep].astype(np.float32), (h, w),
+                          threshold=mask_thr)
     records.append(dict(
         image_id=meta.get('image_id', b),
         file_name=meta.get('file_name', ''),

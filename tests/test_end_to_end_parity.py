@@ -6,7 +6,8 @@ compare with what mmdetection wrote (``results.json`` and the npz stages):
 - >= 99.9% of mmdetection's proposals reproduced (IoU > 0.999);
 - every mmdetection detection matched by one of ours with the same label,
   box IoU >= 0.999, |d score| <= 1e-4, |d mask_score| <= 1e-4 and pasted-mask
-  IoU >= 0.99, and as many detections as mmdetection;
+  IoU >= 0.99 (or at most one pixel different, for masks of a few dozen
+  pixels), and as many detections as mmdetection;
 - MaskIoU of all 80 classes within 1e-4 relative.
 Then the same images batched together in a larger bucket give the same
 detections (padding to a bucket changes nothing).
@@ -40,7 +41,7 @@ def _model(set_name):
 def _items(cfg, images):
   items = []
   for i, name in enumerate(images):
-    img = image_io.imread(fixture_path('..', f'{name}.png'))
+    img = image_io.imread(fixture_path(f'{name}.png'))
     item = transforms.preprocess_test(img, cfg.data)
     item.update(image_id=i, file_name=f'{name}.png')
     items.append(item)
@@ -95,10 +96,13 @@ def _assert_matches(ref_entries, rec):
     j = cands[0]
     used.add(j)
     assert abs(rec['mask_scores'][j] - e['mask_score']) <= 1e-4
-    m_iou = mask_utils.iou([rec['masks'][j]], [e['segmentation']], [0])[0, 0]
-    both_empty = (mask_utils.area(rec['masks'][j]) == 0 and
-                  mask_utils.area(e['segmentation']) == 0)
-    assert both_empty or m_iou >= 0.99, (i, m_iou)
+    ours, ref = rec['masks'][j], e['segmentation']
+    m_iou = mask_utils.iou([ours], [ref], [0])[0, 0]
+    inter = mask_utils.area(mask_utils.merge([ours, ref], intersect=True))
+    differ = mask_utils.area(ours) + mask_utils.area(ref) - 2 * inter
+    # Float32 logits agree to ~1e-4, so one pixel of a tiny mask (e.g. 25 px
+    # at full scale) can sit on the 0.5 threshold: allow a 1-pixel change.
+    assert m_iou >= 0.99 or differ <= 1, (i, m_iou, differ)
 
 
 @pytest.mark.parametrize('set_name', sorted(SET_IMAGES))

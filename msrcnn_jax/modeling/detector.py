@@ -177,6 +177,10 @@ class MaskScoringRCNN(nn.Module):
         mask_iou=mask_iou * vf,
         mask_iou_all=mask_iou_all * vf[..., None],
         mask_scores=mask_iou * det['scores'] * vf,
+        # mmdetection pastes with (boxes * scale) / scale, not the boxes
+        # themselves (spec §2.5 step 7); the float32 rounding can move a
+        # pixel of a small mask.
+        paste_boxes=(mask_rois / scale_factor[:, None, :]) * vf[..., None],
     )
     if return_intermediates:
       out.update(proposals=rois, proposal_scores=roi_scores,
