@@ -57,7 +57,9 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    # Local paths are made absolute; remote ones (gs://...) pass as they are.
+    self.directory = (directory if '://' in str(directory) else
+                      os.path.abspath(directory))
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep if keep and keep > 0 else None,
         create=True,

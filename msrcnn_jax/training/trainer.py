@@ -160,7 +160,13 @@ def _make_writer(workdir: str):
   except ImportError:  # pragma: no cover
     logging.warning('tensorboardX missing: no TensorBoard events')
     return None
-  return SummaryWriter(logdir=workdir)
+  try:
+    return SummaryWriter(logdir=workdir)
+  except Exception as e:  # pylint: disable=broad-except
+    local = os.path.join('tensorboard', os.path.basename(workdir.rstrip('/')))
+    logging.warning('No TensorBoard events in %s (%s); writing to %s',
+                    workdir, e, local)
+    return SummaryWriter(logdir=local)
 
 
 def _progress(total: int, initial: int):
@@ -199,8 +205,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       the loss); no checkpoint is written after the last good step.
   """
   t = config.train
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  if '://' in workdir:            # e.g. gs://bucket/run on a TPU pod
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  else:
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
   logging.info('Devices: %s', partitioning.describe_devices())
   logging.info('Local devices: %s', jax.local_devices())
   mesh = partitioning.make_mesh()
@@ -220,7 +230,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     from msrcnn_jax.data.pipeline import make_train_iterator  # pylint: disable=g-import-not-at-top
     train_iter_fn = make_train_iterator
 
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
+  ckpt = checkpointing.Checkpointer(workdir.rstrip('/') + '/checkpoints',
                                     keep=int(t.keep_checkpoints))
   writer = _make_writer(workdir)
   source_iter = None
