@@ -1,6 +1,8 @@
 """Resume-exactness, keep-last-N, NaN stop and crash-safe checkpoint saves."""
 
 import os
+import signal
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -32,20 +34,42 @@ def _assert_same(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def _sigterm_iter_fn(at_step):
+  """The stand-in iterator; sends SIGTERM to itself when batch ``at_step``
+  is taken (a preemption)."""
+  base = make_iter_fn(BATCH)
+
+  def train_iter_fn(config, start_step):
+    for i, batch in enumerate(base(config, start_step), start_step):
+      if i == at_step:
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+
+  return train_iter_fn
+
+
 def test_resume_is_exact(tmp_path):
-  # 6 steps straight vs 3 steps, a new trainer (new manager, restore), 3 more.
-  # 4 steps per epoch, warm-up 4, decay at epoch 2: the lr changes throughout.
+  # 6 steps straight vs a run preempted (SIGTERM) during step 3, then a new
+  # trainer (new manager, restore) that finishes. 4 steps per epoch, warm-up
+  # 4, decay at epoch 2: the lr changes throughout.
+  if threading.current_thread() is not threading.main_thread():
+    pytest.skip('SIGTERM handlers need the main thread')
   full, metrics = _run(tmp_path / 'full', 6)
   assert metrics['steps'] == 6 and np.isfinite(metrics['train']['loss'])
-  part, _ = _run(tmp_path / 'split', 3)
-  assert int(part.step) == 3
+  previous = signal.getsignal(signal.SIGTERM)
+  c = small_config(max_steps=6)
+  part, pm = trainer.train_and_evaluate(
+      c, str(tmp_path / 'split'), task=StandInTask(),
+      train_iter_fn=_sigterm_iter_fn(3))
+  assert signal.getsignal(signal.SIGTERM) == previous    # handler restored
+  assert pm['preempted'] and pm['steps'] == 4 and int(part.step) == 4
   ck = checkpointing.Checkpointer(str(tmp_path / 'split' / 'checkpoints'))
-  assert ck.all_steps() == [3]
-  assert ck.metadata(3)['data_position'] == 3
-  assert ck.metadata(3)['config_name'] == 'standin'
+  assert ck.all_steps() == [4]
+  assert ck.metadata(4)['data_position'] == 4
+  assert ck.metadata(4)['config_name'] == 'standin'
   ck.close()
-  resumed, _ = _run(tmp_path / 'split', 6)
-  assert int(resumed.step) == 6
+  resumed, rm = _run(tmp_path / 'split', 6)
+  assert int(resumed.step) == 6 and 'preempted' not in rm
   _assert_same(full, resumed)
   # The run actually moved and used the RNG.
   assert not np.array_equal(np.asarray(full.rng), np.asarray(part.rng))

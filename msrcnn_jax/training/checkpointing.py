@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any, Mapping
 
@@ -66,6 +68,8 @@ class Checkpointer:
         enable_async_checkpointing=async_save,
         # Half-written temporary directories of a crashed run are removed.
         cleanup_tmp_directories=True)
+    self._sigterm = False
+    self._previous_handler = None
     self._manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=('state', 'metadata'))
 
@@ -131,6 +135,22 @@ class Checkpointer:
         metadata=ocp.args.JsonRestore()))
     return dict(restored['metadata'])
 
+  def reached_preemption(self, step: int) -> bool:
+    """True once the cluster announced a preemption (all hosts agree on the
+    step; orbax/JAX preemption sync point) or this process got SIGTERM
+    (see :meth:`catch_sigterm`)."""
+    return self._sigterm or bool(self._manager.reached_preemption(step))
+
+  def catch_sigterm(self) -> None:
+    """Turns SIGTERM into :meth:`reached_preemption` (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+      return
+    def handler(signum, frame):
+      del signum, frame
+      logging.warning('SIGTERM: checkpointing at the end of this step')
+      self._sigterm = True
+    self._previous_handler = signal.signal(signal.SIGTERM, handler)
+
   def wait_until_finished(self) -> None:
     """Blocks until pending asynchronous writes are on disk (and re-raises
     their errors)."""
@@ -138,6 +158,9 @@ class Checkpointer:
 
   def close(self) -> None:
     """Waits for pending writes, then releases the manager."""
+    if self._previous_handler is not None:
+      signal.signal(signal.SIGTERM, self._previous_handler)
+      self._previous_handler = None
     try:
       self._manager.wait_until_finished()
     finally:

@@ -198,7 +198,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   Returns:
     ``(final state, {'train': last logged train means, 'eval': last eval
-    metrics, 'steps': total steps})``.
+    metrics, 'steps': steps done, 'init_report': init_checkpoint report or
+    None, 'preempted': True only if stopped by a preemption/SIGTERM})``.
+    On preemption (JAX's preemption sync point or SIGTERM) a checkpoint of
+    the current step is written and the function returns early.
 
   Raises:
     FloatingPointError: on a non-finite loss/gradient (naming the step and
@@ -232,6 +235,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   ckpt = checkpointing.Checkpointer(workdir.rstrip('/') + '/checkpoints',
                                     keep=int(t.keep_checkpoints))
+  if jax.process_count() == 1:
+    # Several hosts rely on JAX's preemption sync point instead, so that all
+    # of them save the same step.
+    ckpt.catch_sigterm()
   writer = _make_writer(workdir)
   source_iter = None
   try:
@@ -373,6 +380,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         save(done)
       if is_eval:
         run_eval(done)
+      if ckpt.reached_preemption(done) and done != total:
+        if pending is not None:
+          consume(pending)
+          pending = None
+        save(done)
+        ckpt.wait_until_finished()
+        logging.warning('Preempted: checkpoint of step %d written; rerun '
+                        'the same command to resume.', done)
+        pbar.close()
+        return state, dict(train=train_means, eval=eval_metrics, steps=done,
+                           init_report=report, preempted=True)
     if pending is not None:
       consume(pending)
     pbar.close()
