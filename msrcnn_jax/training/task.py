@@ -69,7 +69,7 @@ class DetectorTask:
     scalar metrics (mmdetection's names plus the mask-scoring correlations).
     """
     from msrcnn_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-    from msrcnn_jax.evaluate import evaluate_model  # pylint: disable=g-import-not-at-top
+    from msrcnn_jax.evaluation.run import evaluate_model  # pylint: disable=g-import-not-at-top
     from msrcnn_jax.inference import Predictor  # pylint: disable=g-import-not-at-top
     variables = jax.device_get({'params': state.params,
                                 'batch_stats': state.batch_stats})

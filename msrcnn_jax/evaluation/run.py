@@ -1,0 +1,181 @@
+"""Inference over an evaluation split + COCO metrics + mask-scoring report.
+
+``evaluate_model`` is what ``python -m msrcnn_jax.evaluate`` and the
+periodic/final evaluation of ``train.py`` run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from absl import logging
+import ml_collections
+import numpy as np
+import tqdm
+
+from msrcnn_jax.data import pipeline
+from msrcnn_jax.evaluation.coco_evaluator import CocoEvaluator
+from msrcnn_jax.inference import Predictor
+
+
+class _Subset:
+  """The first ``n`` records of a source (``--max-images``)."""
+
+  def __init__(self, source, n: int):
+    self.source, self.n = source, min(n, len(source))
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    if not 0 <= i < self.n:
+      raise IndexError(i)
+    return self.source[i]
+
+  def image_sizes(self):
+    return pipeline.image_sizes(self.source)[:self.n]
+
+
+def keep_known_labels(record: dict[str, Any], num_categories: int
+                      ) -> tuple[dict[str, Any], int]:
+  """Drops the detections whose label has no category in the dataset.
+
+  Labels index the dataset's sorted category ids (as the data pipeline
+  assigns them in training), so a model with more classes than the dataset
+  has categories (e.g. a COCO-80 model on the 3-category synthetic set) can
+  predict labels ``>= num_categories`` that name no category; they are not
+  evaluated.
+
+  Args:
+    record: a per-image record (``postprocess`` module docstring).
+    num_categories: number of categories of the evaluated dataset.
+
+  Returns:
+    (the record with only labels ``< num_categories``, number dropped).
+  """
+  labels = np.asarray(record['labels'])
+  keep = labels < num_categories
+  if keep.all():
+    return record, 0
+  out = dict(record)
+  for k in ('boxes', 'scores', 'labels', 'mask_iou', 'mask_scores'):
+    if k in record:
+      out[k] = np.asarray(record[k])[keep]
+  if 'masks' in record:
+    out['masks'] = [m for m, k in zip(record['masks'], keep) if k]
+  return out, int((~keep).sum())
+
+
+def coco_ground_truth(source) -> Any:
+  """The pycocotools ``COCO`` of a source: its own, or built from records.
+
+  Sources without annotation files (the synthetic one) are turned into an
+  in-memory COCO dataset from their exact instance masks.
+  """
+  if getattr(source, 'coco', None) is not None:
+    return source.coco
+  from pycocotools import mask as mask_utils  # pylint: disable=g-import-not-at-top
+  from pycocotools.coco import COCO  # pylint: disable=g-import-not-at-top
+  cat_ids = list(source.cat_ids)
+  images, anns = [], []
+  for i in range(len(source)):
+    r = source[i]
+    images.append(dict(id=int(r['image_id']), file_name=r['file_name'],
+                       height=int(r['height']), width=int(r['width'])))
+    for m, b, l in zip(r['masks'], r['boxes'], r['labels']):
+      rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+      rle['counts'] = rle['counts'].decode('ascii')
+      x1, y1, x2, y2 = (float(v) for v in b)
+      anns.append(dict(id=len(anns) + 1, image_id=int(r['image_id']),
+                       category_id=int(cat_ids[int(l)]),
+                       bbox=[x1, y1, x2 - x1, y2 - y1],
+                       area=float(m.sum()), iscrowd=0, segmentation=rle))
+  cats = [dict(id=int(c), name=str(n)) for c, n in
+          zip(cat_ids, getattr(source, 'class_names', cat_ids))]
+  coco = COCO()
+  coco.dataset = dict(images=images, annotations=anns, categories=cats)
+  coco.createIndex()
+  return coco
+
+
+def evaluate_model(config: ml_collections.ConfigDict, variables: dict,
+                   output_dir: str, source=None, max_images: int = 0,
+                   batch_size: int | None = None, progress: bool = True,
+                   predictor: Predictor | None = None
+                   ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+  """Inference + COCO evaluation + mask-scoring report over a split.
+
+  Args:
+    config: the full config; ``config.data`` selects the evaluation source.
+    variables: model variables.
+    output_dir: where results files, ``metrics.json`` and the report go.
+    source: records to evaluate (default: the config's evaluation split).
+    max_images: evaluate only the first N images (0 = all).
+    batch_size: images per batch (default ``config.test.batch_size``).
+    progress: show a progress bar.
+    predictor: reuse a compiled predictor.
+
+  Returns:
+    (metrics dict with mmdetection's key names and ``mask_scoring`` summary,
+    the per-image records as evaluated: detections whose label is not a
+    category of the dataset are dropped, see ``keep_known_labels``).
+  """
+  if source is None:
+    source = pipeline.build_source(config, train=False)
+  if max_images:
+    source = _Subset(source, max_images)
+  coco_gt = coco_ground_truth(source.source if isinstance(source, _Subset)
+                              else source)
+  cat_ids = list(getattr(source.source if isinstance(source, _Subset)
+                         else source, 'cat_ids', config.data.category_ids))
+  predictor = predictor or Predictor(config, variables)
+  batches = pipeline.make_eval_iterator(
+      config, source, batch_size_per_host=batch_size)
+  evaluator = CocoEvaluator(coco_gt, cat_ids, output_dir=output_dir,
+                            prefix='results')
+  num_classes = config.model.roi_head.bbox_head.get('num_classes', 80)
+  if num_classes > len(cat_ids):
+    logging.warning(
+        'The model has %d classes but the dataset only %d categories; '
+        'detections with labels >= %d are not evaluated.', num_classes,
+        len(cat_ids), len(cat_ids))
+  records, dropped = [], 0
+  bar = tqdm.tqdm(total=len(source), disable=not progress, unit='img',
+                  desc='evaluate')
+  try:
+    for rec in predictor.predict_batches(batches):
+      rec, n = keep_known_labels(rec, len(cat_ids))
+      dropped += n
+      records.append(rec)
+      evaluator.add([rec])
+      bar.update(1)
+  finally:
+    bar.close()
+    batches.close()
+  if dropped:
+    logging.warning('%d detections with labels outside the dataset\'s %d '
+                    'categories dropped.', dropped, len(cat_ids))
+  metrics = evaluator.evaluate()
+  summary, log = evaluator.mask_scoring_report()
+  logging.info('%s', log)
+  print(log)
+  metrics['mask_scoring'] = summary
+  if output_dir:
+    # Keeps what the evaluator wrote there (coco_stats, num_images).
+    path = os.path.join(output_dir, 'metrics.json')
+    payload = {}
+    if os.path.isfile(path):
+      with open(path) as f:
+        payload = json.load(f)
+    payload.update(metrics)
+    write_json(path, payload)
+  return metrics, records
+
+
+def write_json(path: str, obj: Any) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, default=float)
+  os.replace(tmp, path)
