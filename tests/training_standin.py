@@ -1,9 +1,9 @@
 """A tiny stand-in detector task for the training tests (not a test file).
 
-Layers are per-pixel Dense (1x1 "convs", cheap to compile) named as the
-real model's. It follows the parameter-tree conventions of the real model (``backbone/conv1``,
+Layers are per-pixel Dense (1x1 "convs", cheap to compile) named as the real
+model's, following the parameter-tree conventions (``backbone/conv1``,
 ``backbone/bn1``, ``backbone/layer1_0/...``, a BN ``downsample_1``, a neck and
-a head) so the freezing rules, the optimizer and the trainer can be checked
+a head), so the freezing rules, the optimizer and the trainer can be checked
 without the detector. The loss uses the step RNG (input noise), so a wrong RNG
 after a resume changes the result.
 """

@@ -53,7 +53,8 @@ class Checkpointer:
 
   Args:
     directory: where step directories go (created if missing).
-    keep: how many of the newest checkpoints to keep (``train.keep_checkpoints``).
+    keep: how many of the newest checkpoints to keep
+      (``train.keep_checkpoints``).
     async_save: write in a background thread
       (``enable_async_checkpointing``).
   """

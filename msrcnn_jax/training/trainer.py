@@ -1,4 +1,4 @@
-"""``train_and_evaluate(config, workdir)``: the whole training run, top to bottom.
+"""``train_and_evaluate(config, workdir)``: the whole training run.
 
 Start-up: log the devices, build the ``('data',)`` mesh, check the global
 batch divides over it, open the checkpoint directory. If it holds a
