@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Sequence
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
+from msrcnn_jax.data import pipeline
 from msrcnn_jax.evaluation.run import evaluate_model, write_json
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -37,6 +40,20 @@ _BATCH_SIZE = flags.DEFINE_integer('batch-size', 1, 'Images per batch.',
 _OUTPUT = flags.DEFINE_string('output', 'metrics.json', 'Metrics JSON path.')
 
 
+def _check_fits(config, variables, meta) -> None:
+  """``check_variables``, naming the config the checkpoint was made for."""
+  from msrcnn_jax.modeling import build  # pylint: disable=g-import-not-at-top
+  try:
+    build.check_variables(config, variables, source=_CHECKPOINT.value)
+  except build.VariablesMismatchError as e:
+    made_for = meta.get('config_name')
+    if made_for and made_for != config.get('name'):
+      raise build.VariablesMismatchError(
+          f'{e}\n(the checkpoint was converted for config {made_for!r})'
+      ) from e
+    raise
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
@@ -48,15 +65,15 @@ def main(argv: Sequence[str]) -> None:
   from msrcnn_jax.convert.checkpoint_io import CheckpointError, load_variables  # pylint: disable=g-import-not-at-top
   from msrcnn_jax.data.coco import CocoFormatError  # pylint: disable=g-import-not-at-top
   from msrcnn_jax.data.image_io import ImageReadError  # pylint: disable=g-import-not-at-top
-  from msrcnn_jax.modeling.build import VariablesMismatchError, check_variables  # pylint: disable=g-import-not-at-top
+  from msrcnn_jax.modeling.build import VariablesMismatchError  # pylint: disable=g-import-not-at-top
   with config.unlocked():
     config.data.source = 'coco'
     config.data.coco_dir = _COCO_DIR.value
     config.data.val_split = _SPLIT.value
   output_dir = os.path.dirname(os.path.abspath(_OUTPUT.value))
   try:
-    variables, _ = load_variables(_CHECKPOINT.value)
-    check_variables(config, variables, source=_CHECKPOINT.value)
+    variables, meta = load_variables(_CHECKPOINT.value)
+    _check_fits(config, variables, meta)
     source = pipeline.build_source(config, train=False)
     os.makedirs(output_dir, exist_ok=True)
     metrics, _ = evaluate_model(config, variables, output_dir, source=source,
@@ -68,7 +85,7 @@ def main(argv: Sequence[str]) -> None:
     sys.exit(1)
   if os.path.abspath(_OUTPUT.value) != os.path.join(output_dir,
                                                     'metrics.json'):
-    _write_json(_OUTPUT.value, metrics)
+    write_json(_OUTPUT.value, metrics)
   print(json.dumps({k: v for k, v in metrics.items()
                     if k.endswith(('mAP', '_50', '_75', '_s', '_m', '_l'))}))
 

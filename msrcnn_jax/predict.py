@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Sequence
 
 from absl import app
@@ -33,25 +34,52 @@ _OUTPUT = flags.DEFINE_string('output', 'results.json', 'Output JSON file.')
 _VIS_DIR = flags.DEFINE_string(
     'vis-dir', None, 'If set, write a PNG per image with masks, boxes, '
     'class names and both scores.')
-_BATCH_SIZE = flags.DEFINE_integer('batch-size', 1, 'Images per batch.')
+_BATCH_SIZE = flags.DEFINE_integer('batch-size', 1, 'Images per batch.',
+                                   lower_bound=1)
 _VIS_THR = flags.DEFINE_float('vis-score-thr', 0.3,
                               'Box score threshold for the pictures.')
+
+
+def _check_fits(config, variables, meta) -> None:
+  """``check_variables``, naming the config the checkpoint was made for."""
+  from msrcnn_jax.modeling import build  # pylint: disable=g-import-not-at-top
+  try:
+    build.check_variables(config, variables, source=_CHECKPOINT.value)
+  except build.VariablesMismatchError as e:
+    made_for = meta.get('config_name')
+    if made_for and made_for != config.get('name'):
+      raise build.VariablesMismatchError(
+          f'{e}\n(the checkpoint was converted for config {made_for!r})'
+      ) from e
+    raise
 
 
 def main(argv: Sequence[str]) -> None:
   paths = list(argv[1:])
   if not paths:
     raise app.UsageError('Give at least one image path.')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every restore step
   config = _CONFIG.value
   if config is None or _CHECKPOINT.value is None:
     raise app.UsageError('--config and --checkpoint are required.')
-  from msrcnn_jax.convert.checkpoint_io import load_variables
-  from msrcnn_jax.modeling.build import check_variables
-  variables, meta = load_variables(_CHECKPOINT.value)
-  check_variables(config, variables, source=_CHECKPOINT.value)
-  logging.info('Loaded %s (%s)', _CHECKPOINT.value, meta.get('config_name'))
-  predictor = Predictor(config, variables)
-  records = predictor.predict_images(paths, batch_size=_BATCH_SIZE.value)
+  from msrcnn_jax.convert.checkpoint_io import CheckpointError, load_variables  # pylint: disable=g-import-not-at-top
+  from msrcnn_jax.modeling.build import VariablesMismatchError  # pylint: disable=g-import-not-at-top
+  try:
+    # Unreadable images fail here, before the checkpoint is loaded.
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+      raise image_io.ImageReadError(
+          f'image file not found: {", ".join(missing)}')
+    variables, meta = load_variables(_CHECKPOINT.value)
+    _check_fits(config, variables, meta)
+    logging.info('Loaded %s (%s)', _CHECKPOINT.value, meta.get('config_name'))
+    predictor = Predictor(config, variables)
+    records = predictor.predict_images(paths, batch_size=_BATCH_SIZE.value)
+  except (CheckpointError, VariablesMismatchError,
+          image_io.ImageReadError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
   entries = postprocess.records_to_prediction_json(
       records, config.data.category_ids)
   out_dir = os.path.dirname(os.path.abspath(_OUTPUT.value))
@@ -63,7 +91,7 @@ def main(argv: Sequence[str]) -> None:
   print(f'{len(entries)} detections on {len(paths)} images -> '
         f'{_OUTPUT.value}')
   if _VIS_DIR.value:
-    from msrcnn_jax.evaluation import visualize
+    from msrcnn_jax.evaluation import visualize  # pylint: disable=g-import-not-at-top
     os.makedirs(_VIS_DIR.value, exist_ok=True)
     for path, rec in zip(paths, records):
       rgb = image_io.imread(path)[..., ::-1]
