@@ -49,7 +49,6 @@ def main(argv):
   config = _CONFIG.value
   b, h, w = _BATCH.value, _HEIGHT.value, _WIDTH.value
   ph, pw = -(-h // 32) * 32, -(-w // 32) * 32
-  model = MaskScoringRCNN(config)
   variables = init_variables(config, jax.random.key(0))
   rng = np.random.default_rng(0)
   images = np.zeros((b, ph, pw, 3), np.float32)
@@ -62,10 +61,11 @@ def main(argv):
   for name in _DTYPES.value:
     dtype = jnp.dtype(name)
 
+    model = MaskScoringRCNN(config, dtype=dtype)
+
     @jax.jit
     def forward(variables, images, img_shape, pad_shape, scale):
-      v = jax.tree.map(lambda x: x.astype(dtype), variables)
-      return model.apply(v, images.astype(dtype), img_shape, pad_shape, scale)
+      return model.apply(variables, images, img_shape, pad_shape, scale)
 
     t0 = time.perf_counter()
     jax.block_until_ready(forward(variables, images, img_shape, pad_shape,

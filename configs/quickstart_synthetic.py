@@ -22,6 +22,9 @@ def get_config():
   m.num_classes = num_classes
   m.backbone.base_channels = 8
   m.backbone.frozen_stages = -1       # training from scratch: nothing frozen
+  # BN statistics are frozen (as in every mmdetection config), so from
+  # scratch each residual block starts as the identity.
+  m.backbone.zero_init_residual = True
   m.neck.in_channels = [32, 64, 128, 256]
   m.neck.out_channels = 32
   m.rpn_head.in_channels = m.rpn_head.feat_channels = 32

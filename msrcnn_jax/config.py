@@ -74,7 +74,9 @@ def ms_rcnn_config(*,
       base_channels=64, frozen_stages=1, bn_eps=1e-5,
       # caffe: BN requires_grad=False (gamma/beta frozen);
       # pytorch: gamma/beta trained. Statistics are always frozen.
-      bn_trainable=(style == 'pytorch'))
+      bn_trainable=(style == 'pytorch'),
+      # Start every bottleneck's last BN scale at 0 (from-scratch training).
+      zero_init_residual=False)
   m.neck = dict(in_channels=[256, 512, 1024, 2048], out_channels=256,
                 num_outs=5)
   m.rpn_head = dict(

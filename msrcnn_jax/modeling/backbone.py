@@ -45,6 +45,8 @@ class Bottleneck(nn.Module):
     use_downsample: whether the identity goes through downsample_0/1.
     bn_eps: BN eps.
     dtype: computation dtype.
+    zero_init_residual: start bn3's scale at 0 so the block starts as the
+      identity (training from scratch without batch statistics).
   """
   planes: int
   width: int
@@ -54,6 +56,7 @@ class Bottleneck(nn.Module):
   use_downsample: bool = False
   bn_eps: float = 1e-5
   dtype: Any = jnp.float32
+  zero_init_residual: bool = False
 
   def setup(self):
     s1, s2 = ((self.stride, 1) if self.style == 'caffe' else (1, self.stride))
@@ -65,7 +68,8 @@ class Bottleneck(nn.Module):
                              use_bias=False, dtype=self.dtype)
     self.bn2 = layers.FrozenBatchNorm(self.bn_eps, self.dtype)
     self.conv3 = layers.conv(out, 1, use_bias=False, dtype=self.dtype)
-    self.bn3 = layers.FrozenBatchNorm(self.bn_eps, self.dtype)
+    self.bn3 = layers.FrozenBatchNorm(self.bn_eps, self.dtype,
+                                      zero_scale=self.zero_init_residual)
     if self.use_downsample:
       # A list attribute: Flax names its items downsample_0, downsample_1.
       self.downsample = [
@@ -110,6 +114,7 @@ class ResNet(nn.Module):
       (``jax.lax.stop_gradient`` on their outputs).
     bn_eps: FrozenBatchNorm eps.
     dtype: computation dtype (parameters stay float32).
+    zero_init_residual: see ``Bottleneck`` (from-scratch training only).
   """
   depth: int = 50
   style: str = 'pytorch'
@@ -119,6 +124,7 @@ class ResNet(nn.Module):
   frozen_stages: int = 1
   bn_eps: float = 1e-5
   dtype: Any = jnp.float32
+  zero_init_residual: bool = False
 
   def setup(self):
     if self.depth not in STAGE_BLOCKS:
@@ -138,7 +144,8 @@ class ResNet(nn.Module):
                      stride=(2 if (i > 0 and b == 0) else 1),
                      style=self.style, groups=self.groups,
                      use_downsample=(b == 0), bn_eps=self.bn_eps,
-                     dtype=self.dtype)
+                     dtype=self.dtype,
+                     zero_init_residual=self.zero_init_residual)
           for b in range(num_blocks)])
     # Lists assigned in setup are named layer1_0, layer1_1, ...
     self.layer1, self.layer2, self.layer3, self.layer4 = stages

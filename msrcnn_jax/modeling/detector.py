@@ -53,8 +53,11 @@ class MaskScoringRCNN(nn.Module):
 
   Attributes:
     config: the full config (``model``, ``test`` and ``train`` are read).
+    dtype: compute dtype of the convolutions and dense layers (parameters
+      stay float32; box decoding, NMS and losses always run in float32).
   """
   config: ml_collections.ConfigDict
+  dtype: Any = jnp.float32
 
   def setup(self):
     m = self.config.model
@@ -62,15 +65,16 @@ class MaskScoringRCNN(nn.Module):
     self.backbone = ResNet(
         depth=b.depth, style=b.style, groups=b.groups,
         base_width=b.base_width, base_channels=b.base_channels,
-        frozen_stages=b.frozen_stages, bn_eps=b.bn_eps)
+        frozen_stages=b.frozen_stages, bn_eps=b.bn_eps, dtype=self.dtype,
+        zero_init_residual=b.get('zero_init_residual', False))
     self.neck = FPN(in_channels=tuple(m.neck.in_channels),
                     out_channels=m.neck.out_channels,
-                    num_outs=m.neck.num_outs)
+                    num_outs=m.neck.num_outs, dtype=self.dtype)
     self.rpn_head = RPNHead(
         feat_channels=m.rpn_head.feat_channels,
         num_anchors=len(m.rpn_head.anchor_ratios) * len(
-            m.rpn_head.anchor_scales))
-    self.roi_head = MaskScoringRoIHead(m.roi_head)
+            m.rpn_head.anchor_scales), dtype=self.dtype)
+    self.roi_head = MaskScoringRoIHead(m.roi_head, dtype=self.dtype)
 
   # ----------------------------------------------------------- the stages
   def features(self, images: jnp.ndarray, pad_shape: jnp.ndarray):

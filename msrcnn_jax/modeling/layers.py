@@ -139,15 +139,20 @@ class FrozenBatchNorm(nn.Module):
   Attributes:
     eps: added to var (mmcv default 1e-5).
     dtype: computation dtype.
+    zero_scale: initialise ``scale`` to 0 instead of 1 (for the last BN of
+      a residual block when training from scratch; converted weights
+      overwrite it).
   """
   eps: float = 1e-5
   dtype: Any = jnp.float32
+  zero_scale: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     """``(..., C) -> (..., C)``."""
     c = x.shape[-1]
-    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    scale = self.param('scale', nn.initializers.zeros if self.zero_scale
+                       else nn.initializers.ones, (c,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
     mean = self.variable('batch_stats', 'mean',
                          lambda: jnp.zeros((c,), jnp.float32)).value

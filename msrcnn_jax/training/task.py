@@ -18,13 +18,6 @@ from msrcnn_jax.modeling.detector import MaskScoringRCNN, init_variables
 from msrcnn_jax.training import optimizer as optimizer_lib
 
 
-def cast_floats(tree: Any, dtype) -> Any:
-  """Casts the floating leaves of ``tree`` to ``dtype``."""
-  return jax.tree.map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
-      else x, tree)
-
-
 class DetectorTask:
   """Mask Scoring R-CNN training task.
 
@@ -47,15 +40,12 @@ class DetectorTask:
     return init_variables(self.config, rng)
 
   def loss_fn(self, params, batch_stats, batch, rng, compute_dtype=jnp.float32):
-    """``(total loss, metrics)`` of a batch; parameters cast to the compute
-    dtype (their float32 masters stay with the optimizer)."""
-    dtype = jnp.dtype(compute_dtype)
-    variables = {'params': cast_floats(params, dtype),
-                 'batch_stats': cast_floats(batch_stats, dtype)}
-    batch = dict(batch)
-    batch['image'] = batch['image'].astype(dtype)
-    return self.model.apply(variables, batch, rng,
-                            method=MaskScoringRCNN.losses)
+    """``(total loss, metrics)`` of a batch. Convolutions and dense layers
+    run in ``compute_dtype`` (e.g. bfloat16) on float32 parameters; BN,
+    box coding, NMS and the losses stay float32."""
+    model = MaskScoringRCNN(self.config, dtype=jnp.dtype(compute_dtype))
+    return model.apply({'params': params, 'batch_stats': batch_stats},
+                       batch, rng, method=MaskScoringRCNN.losses)
 
   def frozen_mask(self, params) -> Any:
     """True where mmdetection trains the parameter (frozen stages, BN)."""
