@@ -24,8 +24,12 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from msrcnn_jax.convert import checkpoint_io
+from msrcnn_jax.data import coco
+from msrcnn_jax.data import image_io
 from msrcnn_jax.data import pipeline
 from msrcnn_jax.evaluation.run import evaluate_model, write_json
+from msrcnn_jax.modeling import build
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Model config file (configs/<name>.py).')
@@ -42,7 +46,6 @@ _OUTPUT = flags.DEFINE_string('output', 'metrics.json', 'Metrics JSON path.')
 
 def _check_fits(config, variables, meta) -> None:
   """``check_variables``, naming the config the checkpoint was made for."""
-  from msrcnn_jax.modeling import build  # pylint: disable=g-import-not-at-top
   try:
     build.check_variables(config, variables, source=_CHECKPOINT.value)
   except build.VariablesMismatchError as e:
@@ -62,25 +65,21 @@ def main(argv: Sequence[str]) -> None:
   config = _CONFIG.value
   if config is None or not _CHECKPOINT.value or not _COCO_DIR.value:
     raise app.UsageError('--config, --checkpoint and --coco-dir are required.')
-  from msrcnn_jax.convert.checkpoint_io import CheckpointError, load_variables  # pylint: disable=g-import-not-at-top
-  from msrcnn_jax.data.coco import CocoFormatError  # pylint: disable=g-import-not-at-top
-  from msrcnn_jax.data.image_io import ImageReadError  # pylint: disable=g-import-not-at-top
-  from msrcnn_jax.modeling.build import VariablesMismatchError  # pylint: disable=g-import-not-at-top
   with config.unlocked():
     config.data.source = 'coco'
     config.data.coco_dir = _COCO_DIR.value
     config.data.val_split = _SPLIT.value
   output_dir = os.path.dirname(os.path.abspath(_OUTPUT.value))
   try:
-    variables, meta = load_variables(_CHECKPOINT.value)
+    variables, meta = checkpoint_io.load_variables(_CHECKPOINT.value)
     _check_fits(config, variables, meta)
     source = pipeline.build_source(config, train=False)
     os.makedirs(output_dir, exist_ok=True)
     metrics, _ = evaluate_model(config, variables, output_dir, source=source,
                                 max_images=_MAX_IMAGES.value,
                                 batch_size=_BATCH_SIZE.value)
-  except (CheckpointError, VariablesMismatchError, CocoFormatError,
-          ImageReadError) as e:
+  except (checkpoint_io.CheckpointError, build.VariablesMismatchError,
+          coco.CocoFormatError, image_io.ImageReadError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
   if os.path.abspath(_OUTPUT.value) != os.path.join(output_dir,

@@ -71,23 +71,41 @@ class Predictor:
   def predict_images(self, paths: Sequence[str], batch_size: int = 1,
                      progress: bool = True) -> list[dict[str, Any]]:
     """Reads, preprocesses (as mmdetection's test pipeline), batches by
-    bucket and runs ``paths``. Returns one record per path, in order."""
-    items = []
-    for i, path in enumerate(paths):
-      img = image_io.imread(path)
-      item = transforms.preprocess_test(img, self.config.data)
-      item['image_id'] = i
-      item['file_name'] = os.path.basename(path)
-      items.append(item)
+    bucket and runs ``paths``. Returns one record per path, in order.
+
+    Images are read as they are needed: a batch runs as soon as
+    ``batch_size`` images of one bucket are waiting, so at most
+    ``batch_size`` preprocessed images per bucket are held in memory
+    (the records, with RLE masks, are kept for all).
+    """
     records: dict[int, dict] = {}
-    bar = tqdm.tqdm(total=len(items), disable=not progress, unit='img',
+    pending: dict[tuple, list] = {}
+    bar = tqdm.tqdm(total=len(paths), disable=not progress, unit='img',
                     desc='predict')
-    for batch in batch_by_bucket(items, batch_size, self.config.data):
-      for rec in self.predict_batches([batch]):
-        records[rec['image_id']] = rec
-        bar.update(1)
-    bar.close()
-    return [records[i] for i in range(len(items))]
+
+    def run(group):
+      for batch in batch_by_bucket(group, batch_size, self.config.data):
+        for rec in self.predict_batches([batch]):
+          records[rec['image_id']] = rec
+          bar.update(1)
+
+    try:
+      for i, path in enumerate(paths):
+        item = transforms.preprocess_test(image_io.imread(path),
+                                          self.config.data)
+        item['image_id'] = i
+        item['file_name'] = os.path.basename(path)
+        bucket = tuple(transforms.choose_bucket(item['pad_shape'],
+                                                self.config.data.buckets))
+        group = pending.setdefault(bucket, [])
+        group.append(item)
+        if len(group) == batch_size:
+          run(pending.pop(bucket))
+      for group in pending.values():
+        run(group)
+    finally:
+      bar.close()
+    return [records[i] for i in range(len(paths))]
 
 
 def batch_by_bucket(items: Sequence[dict[str, Any]], batch_size: int,

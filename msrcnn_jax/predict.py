@@ -20,11 +20,15 @@ from typing import Sequence
 from absl import app
 from absl import flags
 from absl import logging
+import cv2
 from ml_collections import config_flags
 
 from msrcnn_jax import postprocess
+from msrcnn_jax.convert import checkpoint_io
 from msrcnn_jax.data import image_io
+from msrcnn_jax.evaluation import visualize
 from msrcnn_jax.inference import Predictor
+from msrcnn_jax.modeling import build
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Model config file (configs/<name>.py).')
@@ -40,9 +44,23 @@ _VIS_THR = flags.DEFINE_float('vis-score-thr', 0.3,
                               'Box score threshold for the pictures.')
 
 
+def _check_images(paths: Sequence[str]) -> None:
+  """Fails before any work on missing files and files whose header no
+  OpenCV decoder recognises (images are decoded later, one batch at a
+  time)."""
+  missing = [p for p in paths if not os.path.isfile(p)]
+  if missing:
+    raise image_io.ImageReadError(
+        f'image file not found: {", ".join(missing)}')
+  unknown = [p for p in paths if not cv2.haveImageReader(p)]
+  if unknown:
+    raise image_io.ImageReadError(
+        f'cannot decode image {", ".join(unknown)}: not an image format '
+        'OpenCV can read')
+
+
 def _check_fits(config, variables, meta) -> None:
   """``check_variables``, naming the config the checkpoint was made for."""
-  from msrcnn_jax.modeling import build  # pylint: disable=g-import-not-at-top
   try:
     build.check_variables(config, variables, source=_CHECKPOINT.value)
   except build.VariablesMismatchError as e:
@@ -63,20 +81,14 @@ def main(argv: Sequence[str]) -> None:
   config = _CONFIG.value
   if config is None or _CHECKPOINT.value is None:
     raise app.UsageError('--config and --checkpoint are required.')
-  from msrcnn_jax.convert.checkpoint_io import CheckpointError, load_variables  # pylint: disable=g-import-not-at-top
-  from msrcnn_jax.modeling.build import VariablesMismatchError  # pylint: disable=g-import-not-at-top
   try:
-    # Unreadable images fail here, before the checkpoint is loaded.
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-      raise image_io.ImageReadError(
-          f'image file not found: {", ".join(missing)}')
-    variables, meta = load_variables(_CHECKPOINT.value)
+    _check_images(paths)
+    variables, meta = checkpoint_io.load_variables(_CHECKPOINT.value)
     _check_fits(config, variables, meta)
     logging.info('Loaded %s (%s)', _CHECKPOINT.value, meta.get('config_name'))
     predictor = Predictor(config, variables)
     records = predictor.predict_images(paths, batch_size=_BATCH_SIZE.value)
-  except (CheckpointError, VariablesMismatchError,
+  except (checkpoint_io.CheckpointError, build.VariablesMismatchError,
           image_io.ImageReadError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
@@ -91,7 +103,6 @@ def main(argv: Sequence[str]) -> None:
   print(f'{len(entries)} detections on {len(paths)} images -> '
         f'{_OUTPUT.value}')
   if _VIS_DIR.value:
-    from msrcnn_jax.evaluation import visualize  # pylint: disable=g-import-not-at-top
     os.makedirs(_VIS_DIR.value, exist_ok=True)
     for path, rec in zip(paths, records):
       rgb = image_io.imread(path)[..., ::-1]
