@@ -47,7 +47,10 @@ def get_config():
   t.rcnn.update(num_samples=64)
   t.rpn.update(num_samples=128)
   t.global_batch_size = 8
-  t.base_lr = 0.02
+  # From scratch, AdamW reaches in minutes what SGD needs far longer for.
+  t.optimizer = 'adamw'
+  t.base_lr = 2e-3
+  t.weight_decay = 1e-4
   t.base_batch_size = 8
   t.warmup_steps = 100
   t.max_steps = 1200

@@ -124,6 +124,7 @@ def ms_rcnn_config(*,
                 mask_thr_binary=0.5)
   t.loss_weights = dict(rpn_cls=1.0, rpn_bbox=1.0, cls=1.0, bbox=1.0,
                         mask=1.0, mask_iou=0.5)
+  t.optimizer = 'sgd'          # mmdetection's; 'adamw' for from-scratch runs
   t.global_batch_size = 16
   t.base_lr = 0.02            # for base_batch_size images
   t.base_batch_size = 16

@@ -44,19 +44,6 @@ _BATCH_SIZE = flags.DEFINE_integer('batch-size', 1, 'Images per batch.',
 _OUTPUT = flags.DEFINE_string('output', 'metrics.json', 'Metrics JSON path.')
 
 
-def _check_fits(config, variables, meta) -> None:
-  """``check_variables``, naming the config the checkpoint was made for."""
-  try:
-    build.check_variables(config, variables, source=_CHECKPOINT.value)
-  except build.VariablesMismatchError as e:
-    made_for = meta.get('config_name')
-    if made_for and made_for != config.get('name'):
-      raise build.VariablesMismatchError(
-          f'{e}\n(the checkpoint was converted for config {made_for!r})'
-      ) from e
-    raise
-
-
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
@@ -71,8 +58,7 @@ def main(argv: Sequence[str]) -> None:
     config.data.val_split = _SPLIT.value
   output_dir = os.path.dirname(os.path.abspath(_OUTPUT.value))
   try:
-    variables, meta = checkpoint_io.load_variables(_CHECKPOINT.value)
-    _check_fits(config, variables, meta)
+    variables, meta = build.load_checked_variables(config, _CHECKPOINT.value)
     source = pipeline.build_source(config, train=False)
     os.makedirs(output_dir, exist_ok=True)
     metrics, _ = evaluate_model(config, variables, output_dir, source=source,

@@ -59,19 +59,6 @@ def _check_images(paths: Sequence[str]) -> None:
         'OpenCV can read')
 
 
-def _check_fits(config, variables, meta) -> None:
-  """``check_variables``, naming the config the checkpoint was made for."""
-  try:
-    build.check_variables(config, variables, source=_CHECKPOINT.value)
-  except build.VariablesMismatchError as e:
-    made_for = meta.get('config_name')
-    if made_for and made_for != config.get('name'):
-      raise build.VariablesMismatchError(
-          f'{e}\n(the checkpoint was converted for config {made_for!r})'
-      ) from e
-    raise
-
-
 def main(argv: Sequence[str]) -> None:
   paths = list(argv[1:])
   if not paths:
@@ -83,8 +70,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError('--config and --checkpoint are required.')
   try:
     _check_images(paths)
-    variables, meta = checkpoint_io.load_variables(_CHECKPOINT.value)
-    _check_fits(config, variables, meta)
+    variables, meta = build.load_checked_variables(config, _CHECKPOINT.value)
     logging.info('Loaded %s (%s)', _CHECKPOINT.value, meta.get('config_name'))
     predictor = Predictor(config, variables)
     records = predictor.predict_images(paths, batch_size=_BATCH_SIZE.value)

@@ -55,3 +55,29 @@ def check_variables(config: ml_collections.ConfigDict, variables: Any,
     lines += [f'  shape: {k} has {got[k]}, config expects {expected[k]}'
               for k in shape]
     raise VariablesMismatchError('\n'.join(lines))
+
+
+def load_checked_variables(config: ml_collections.ConfigDict,
+                           directory: str) -> tuple[dict, dict]:
+  """Loads a converted/trained checkpoint and checks it fits ``config``.
+
+  Returns:
+    ``(variables, metadata)``.
+
+  Raises:
+    CheckpointError: missing or unreadable checkpoint directory.
+    VariablesMismatchError: naming every mismatch, and the config the
+      checkpoint was converted for when its metadata says.
+  """
+  from msrcnn_jax.convert import checkpoint_io  # pylint: disable=g-import-not-at-top
+  variables, meta = checkpoint_io.load_variables(directory)
+  try:
+    check_variables(config, variables, source=directory)
+  except VariablesMismatchError as e:
+    made_for = meta.get('config_name')
+    if made_for and made_for != config.get('name'):
+      raise VariablesMismatchError(
+          f'{e}\n(the checkpoint was converted for config {made_for!r})'
+      ) from e
+    raise
+  return variables, meta

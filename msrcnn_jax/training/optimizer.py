@@ -186,6 +186,9 @@ def make_optimizer(
   The chain for trainable parameters is
   ``[clip_by_global_norm] -> add_decayed_weights(wd) -> trace(momentum) ->
   scale_by_learning_rate(schedule)``; frozen ones get ``set_to_zero``.
+  ``config.train.optimizer = 'adamw'`` swaps the SGD part for
+  ``optax.adamw(schedule, weight_decay)`` (decoupled decay), which trains the
+  from-scratch quickstart much faster; mmdetection's configs use SGD.
 
   Args:
     config: reads ``config.train`` momentum, weight_decay, grad_clip_norm and
@@ -201,10 +204,17 @@ def make_optimizer(
   parts = []
   if float(t.grad_clip_norm) > 0:
     parts.append(optax.clip_by_global_norm(float(t.grad_clip_norm)))
-  if float(t.weight_decay) > 0:
-    parts.append(optax.add_decayed_weights(float(t.weight_decay)))
-  parts.append(optax.trace(decay=float(t.momentum), nesterov=False))
-  parts.append(optax.scale_by_learning_rate(schedule_fn))
+  kind = t.get('optimizer', 'sgd')
+  if kind == 'adamw':
+    parts.append(optax.adamw(schedule_fn, weight_decay=float(t.weight_decay)))
+  elif kind == 'sgd':
+    if float(t.weight_decay) > 0:
+      parts.append(optax.add_decayed_weights(float(t.weight_decay)))
+    parts.append(optax.trace(decay=float(t.momentum), nesterov=False))
+    parts.append(optax.scale_by_learning_rate(schedule_fn))
+  else:
+    raise ValueError(f'config.train.optimizer must be sgd or adamw, got '
+                     f'{kind!r}')
   sgd = optax.chain(*parts)
   if mask is None:
     return sgd, schedule_fn
