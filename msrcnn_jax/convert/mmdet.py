@@ -17,20 +17,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import pickle
 import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import jax
-import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from msrcnn_jax.modeling.backbone import STAGE_BLOCKS, ResNet
-from msrcnn_jax.modeling.fpn import FPN
-from msrcnn_jax.modeling.heads.box_head import Shared2FCBBoxHead
-from msrcnn_jax.modeling.heads.mask_head import FCNMaskHead
-from msrcnn_jax.modeling.heads.maskiou_head import MaskIoUHead
+from msrcnn_jax.modeling.backbone import STAGE_BLOCKS
 
 Shape = Tuple[int, ...]
 
@@ -113,104 +109,32 @@ class ConversionReport:
 # ------------------------------------------------------------ expected tree
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = '') -> Dict[str, Shape]:
-  out = {}
-  for k, v in tree.items():
-    path = f'{prefix}/{k}' if prefix else k
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, path))
-    else:
-      out[path] = tuple(v.shape)
-  return out
-
-
-def _shapes_of(module, *args) -> Dict[str, Dict[str, Shape]]:
-  """{collection: {path: shape}} of ``module.init`` by ``jax.eval_shape``."""
-  tree = jax.eval_shape(
-      lambda *a: module.init(jax.random.PRNGKey(0), *a), *args)
-  return {col: _flatten(v) for col, v in tree.items()}
-
-
 def expected_variable_shapes(config, backbone_only: bool = False
                             ) -> Dict[str, Shape]:
-  """Every variable of the detector for ``config``, by ``jax.eval_shape``.
-
-  Composes the backbone, FPN and RoI heads' own init shapes with the RPN
-  head's known shapes (rpn_conv 3x3 C->C, rpn_cls 1x1 C->A, rpn_reg 1x1
-  C->4A), so it does not depend on the detector module.
+  """Every variable of the detector for ``config`` (``jax.eval_shape``).
 
   Args:
-    config: the full config (``ms_rcnn_config``) or its ``model`` node.
+    config: the full config (``ms_rcnn_config``).
     backbone_only: only the ``backbone`` subtree.
 
   Returns:
     ``{'params/backbone/conv1/kernel': (7, 7, 3, 64), ...,
     'batch_stats/backbone/bn1/mean': (64,), ...}``.
   """
-  m = config.model if hasattr(config, 'model') else config
-  bb, neck, rpn, rh = m.backbone, m.neck, m.rpn_head, m.roi_head
-  bh, mh, ih = rh.bbox_head, rh.mask_head, rh.mask_iou_head
-  key = (
-      (bb.depth, bb.style, bb.groups, bb.base_width, bb.base_channels,
-       bb.frozen_stages, bb.bn_eps),
-      (tuple(neck.in_channels), neck.out_channels, neck.num_outs),
-      (rpn.in_channels, rpn.feat_channels,
-       len(rpn.anchor_scales) * len(rpn.anchor_ratios)),
-      (bh.roi_feat_size, bh.in_channels, bh.fc_out_channels, bh.num_classes),
-      (rh.mask_roi_extractor.output_size, mh.in_channels, mh.num_convs,
-       mh.conv_out_channels, mh.num_classes),
-      (ih.roi_feat_size, ih.in_channels, ih.num_convs, ih.num_fcs,
-       ih.conv_out_channels, ih.fc_out_channels, ih.num_classes))
-  return dict(_expected_shapes(key, backbone_only))
+  shapes = _expected_shapes(config.model.to_json())
+  if backbone_only:
+    return {k: v for k, v in shapes.items() if k.split('/')[1] == 'backbone'}
+  return dict(shapes)
 
 
 @functools.lru_cache(maxsize=32)
-def _expected_shapes(key, backbone_only: bool) -> Dict[str, Shape]:
-  """``expected_variable_shapes`` on the hashable architecture ``key``."""
-  bb, neck, rpn, bh, mh, ih = key
-  out: Dict[str, Shape] = {}
-
-  def add(scope: str, shapes):
-    for col, flat in shapes.items():
-      for path, shape in flat.items():
-        out[f'{col}/{scope}/{path}'] = shape
-
-  depth, style, groups, base_width, base_channels, frozen, eps = bb
-  backbone = ResNet(depth=depth, style=style, groups=groups,
-                    base_width=base_width, base_channels=base_channels,
-                    frozen_stages=frozen, bn_eps=eps)
-  x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
-  hw = jax.ShapeDtypeStruct((1, 2), jnp.int32)
-  add('backbone', _shapes_of(backbone, x, hw))
-  if backbone_only:
-    return out
-
-  in_channels, out_channels, num_outs = neck
-  feats = [jax.ShapeDtypeStruct((1, 8 // 2**i, 8 // 2**i, c), jnp.float32)
-           for i, c in enumerate(in_channels)]
-  add('neck', _shapes_of(FPN(in_channels, out_channels, num_outs), feats,
-                         hw))
-
-  c, f, a = rpn
-  for name, shape in (('rpn_conv', (3, 3, c, f)), ('rpn_cls', (1, 1, f, a)),
-                      ('rpn_reg', (1, 1, f, 4 * a))):
-    out[f'params/rpn_head/{name}/kernel'] = shape
-    out[f'params/rpn_head/{name}/bias'] = (shape[-1],)
-
-  s, c, fc, num_classes = bh
-  add('roi_head/bbox_head', _shapes_of(
-      Shared2FCBBoxHead(fc, num_classes),
-      jax.ShapeDtypeStruct((1, s, s, c), jnp.float32)))
-  s, c, num_convs, conv_out, num_classes = mh
-  add('roi_head/mask_head', _shapes_of(
-      FCNMaskHead(num_convs, conv_out, num_classes),
-      jax.ShapeDtypeStruct((1, s, s, c), jnp.float32)))
-  s, c, num_convs, num_fcs, conv_out, fc, num_classes = ih
-  add('roi_head/mask_iou_head', _shapes_of(
-      MaskIoUHead(num_convs, num_fcs, conv_out, fc, num_classes),
-      jax.ShapeDtypeStruct((1, s, s, c), jnp.float32),
-      jax.ShapeDtypeStruct((1, 2 * s, 2 * s), jnp.float32)))
-  return out
+def _expected_shapes(model_json: str) -> Dict[str, Shape]:
+  """The spine's variable shapes for a ``config.model`` (as JSON)."""
+  from msrcnn_jax.modeling import build  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict()
+  config.model = ml_collections.ConfigDict(json.loads(model_json))
+  return {k: tuple(v.shape) for k, v in
+          build.flatten(build.variable_shapes(config)).items()}
 
 
 # ---------------------------------------------------------------- renaming
