@@ -2,10 +2,11 @@
 
   python train.py                      # this config, workdir ./workdir/quickstart_synthetic
 
-No download and no accelerator: it trains on the CPU in minutes, then evaluates
-on a held-out synthetic split with pycocotools and writes metrics.json, the
-mask-scoring report, TensorBoard logs, checkpoints and pictures of predictions
-in the workdir. See README.md for the figures it reaches.
+No download and no accelerator: it trains on the CPU in about 9-10 minutes
+(2 cores), then evaluates on a held-out synthetic split with pycocotools and
+writes metrics.json, the mask-scoring report, TensorBoard logs, checkpoints
+and pictures of predictions in the workdir. Measured: bbox_mAP 0.545,
+segm_mAP 0.644, predicted-vs-actual MaskIoU Pearson 0.52 (README.md).
 
 The model is the released architecture (ResNet-50 caffe-style + FPN, RPN,
 Shared2FC box head, FCN mask head, MaskIoU head) narrowed 8x in width, with
@@ -49,15 +50,17 @@ def get_config():
   t.global_batch_size = 8
   # From scratch, AdamW reaches in minutes what SGD needs far longer for.
   t.optimizer = 'adamw'
-  t.base_lr = 2e-3
+  t.base_lr = 3e-3
   t.weight_decay = 1e-4
   t.base_batch_size = 8
   t.warmup_steps = 100
-  t.max_steps = 1200
-  t.images_per_epoch = 2000
-  t.epochs = 5
-  t.lr_steps_epochs = [4]
-  t.checkpoint_every_steps = 400
+  # 1400 steps of 8 images; the "epochs" below only place the lr decay
+  # (x0.1 at step 1150 = 23 x 50).
+  t.max_steps = 1400
+  t.images_per_epoch = 400
+  t.epochs = 28
+  t.lr_steps_epochs = [23]
+  t.checkpoint_every_steps = 500
   t.log_every_steps = 20
   t.grad_clip_norm = 10.0
 
@@ -70,7 +73,7 @@ def get_config():
   d.flip_ratio = 0.5
   d.num_workers = 2
   d.synthetic = dict(num_train=2000, num_val=100, image_size=(128, 128),
-                     max_objects=4, num_classes=num_classes)
+                     max_objects=4, num_classes=num_classes, cache=True)
   d.category_ids = tuple(range(1, num_classes + 1))
   d.class_names = ('rectangle', 'ellipse', 'triangle')
   # Pictures of predictions written at the end of training.

@@ -27,7 +27,7 @@ SHAPE_NAMES = ('rectangle', 'ellipse', 'triangle', 'diamond', 'pentagon',
                'hexagon')
 _SPLIT_IDS = {'train': 0, 'val': 1, 'test': 2}
 DEFAULT_CFG = dict(num_train=2000, num_val=100, image_size=(128, 128),
-                   max_objects=4, num_classes=3)
+                   max_objects=4, num_classes=3, cache=False)
 
 
 def _cfg_get(cfg, key):
@@ -162,6 +162,9 @@ class SyntheticDataset:
     self.cat_ids = tuple(c['id'] for c in self.categories)
     self.class_names = tuple(c['name'] for c in self.categories)
     n = _cfg_get(cfg, 'num_train' if split == 'train' else 'num_val')
+    # Keep generated records in memory (later epochs reuse them; about
+    # 0.1 MB per 128x128 record).
+    self._cache = {} if _cfg_get(cfg, 'cache') else None
     self._len = int(n)
 
   def __len__(self) -> int:
@@ -174,6 +177,14 @@ class SyntheticDataset:
   def __getitem__(self, i: int) -> dict[str, Any]:
     if not 0 <= i < self._len:
       raise IndexError(i)
+    if self._cache is not None:
+      rec = self._cache.get(i)
+      if rec is None:
+        rec = self._cache[i] = self._generate(i)
+      return dict(rec)
+    return self._generate(i)
+
+  def _generate(self, i: int) -> dict[str, Any]:
     rng = np.random.default_rng([self.seed, _SPLIT_IDS[self.split], int(i)])
     img, masks, boxes, labels = generate(rng, self.height, self.width,
                                          self.max_objects, self.num_classes)
