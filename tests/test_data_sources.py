@@ -9,6 +9,7 @@ import pytest
 
 from msrcnn_jax.config import ms_rcnn_config
 from msrcnn_jax.data import coco, image_io, pipeline, synthetic
+from msrcnn_jax.ops.masks import encode_rle
 
 SYN = dict(num_train=6, num_val=3, image_size=(64, 64), max_objects=4,
            num_classes=3)
@@ -72,7 +73,7 @@ def tiny_coco(tmp_path_factory):
   n = len(d['annotations'])
   d['annotations'].append(dict(
       id=n + 1, image_id=1, category_id=3, bbox=[30, 2, 30, 18], area=540.0,
-      iscrowd=1, segmentation=synthetic.encode_mask(crowd)))
+      iscrowd=1, segmentation=encode_rle(crowd)))
   d['annotations'].append(dict(
       id=n + 2, image_id=2, category_id=5, bbox=[10, 10, 0.5, 8], area=4.0,
       iscrowd=0, segmentation=[[10, 10, 10.5, 10, 10.5, 18, 10, 18]]))

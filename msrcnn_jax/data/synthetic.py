@@ -21,7 +21,8 @@ from typing import Any
 
 import cv2
 import numpy as np
-from pycocotools import mask as mask_utils
+
+from msrcnn_jax.ops.masks import encode_rle
 
 SHAPE_NAMES = ('rectangle', 'ellipse', 'triangle', 'diamond', 'pentagon',
                'hexagon')
@@ -131,13 +132,6 @@ def generate(rng: np.random.Generator, height: int, width: int,
           np.array(labels, np.int32))
 
 
-def encode_mask(mask: np.ndarray) -> dict[str, Any]:
-  """Compressed COCO RLE of an (H, W) bitmap, counts as str."""
-  rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-  return dict(size=[int(v) for v in rle['size']],
-              counts=rle['counts'].decode('ascii'))
-
-
 class SyntheticDataset:
   """Deterministic synthetic records (same format as ``coco.CocoSource``).
 
@@ -233,7 +227,7 @@ def write_coco(directory: str, split: str, n: int, cfg=None,
                        category_id=int(ds.cat_ids[int(l)]),
                        bbox=[x1, y1, x2 - x1, y2 - y1],
                        area=float(m.sum()), iscrowd=0,
-                       segmentation=encode_mask(m)))
+                       segmentation=encode_rle(m)))
   path = os.path.join(ann_dir, f'instances_{split}.json')
   with open(path, 'w') as f:
     json.dump(dict(images=images, annotations=anns,

@@ -18,6 +18,7 @@ import tqdm
 from msrcnn_jax.data import pipeline
 from msrcnn_jax.evaluation.coco_evaluator import CocoEvaluator
 from msrcnn_jax.inference import Predictor
+from msrcnn_jax.ops.masks import encode_rle
 
 
 class _Subset:
@@ -76,7 +77,6 @@ def coco_ground_truth(source) -> Any:
   """
   if getattr(source, 'coco', None) is not None:
     return source.coco
-  from pycocotools import mask as mask_utils  # pylint: disable=g-import-not-at-top
   from pycocotools.coco import COCO  # pylint: disable=g-import-not-at-top
   cat_ids = list(source.cat_ids)
   images, anns = [], []
@@ -85,8 +85,7 @@ def coco_ground_truth(source) -> Any:
     images.append(dict(id=int(r['image_id']), file_name=r['file_name'],
                        height=int(r['height']), width=int(r['width'])))
     for m, b, l in zip(r['masks'], r['boxes'], r['labels']):
-      rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
-      rle['counts'] = rle['counts'].decode('ascii')
+      rle = encode_rle(m)
       x1, y1, x2, y2 = (float(v) for v in b)
       anns.append(dict(id=len(anns) + 1, image_id=int(r['image_id']),
                        category_id=int(cat_ids[int(l)]),

@@ -34,20 +34,6 @@ from msrcnn_jax.ops import anchors as anchors_lib
 from msrcnn_jax.ops.roi_align import multilevel_roi_align
 
 
-def take_class(x: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
-  """Selects class ``labels[...]`` from the last axis of ``x``.
-
-  Args:
-    x: ``(B, K, ..., num_classes)``.
-    labels: ``(B, K)`` int32.
-
-  Returns:
-    ``(B, K, ...)``.
-  """
-  idx = labels.reshape(labels.shape + (1,) * (x.ndim - labels.ndim))
-  return jnp.take_along_axis(x, idx, axis=-1)[..., 0]
-
-
 class MaskScoringRCNN(nn.Module):
   """Mask Scoring R-CNN with a ResNet/ResNeXt-FPN backbone.
 
@@ -166,11 +152,11 @@ class MaskScoringRCNN(nn.Module):
     mask_rois = det['boxes'] * scale_factor[:, None, :]
     mask_feats = self.roi_features(feats, mask_rois, pad_shape,
                                    r.mask_roi_extractor.output_size)
-    mask_logits = take_class(self.roi_head.mask(mask_feats), labels)
+    mask_logits = losses_lib.select_class(self.roi_head.mask(mask_feats), labels)
     mask_iou_all = self.roi_head.mask_iou(mask_feats, mask_logits)
     mask_logits = mask_logits.astype(jnp.float32)
     mask_iou_all = mask_iou_all.astype(jnp.float32)
-    mask_iou = take_class(mask_iou_all, labels)
+    mask_iou = losses_lib.select_class(mask_iou_all, labels)
     vf = valid.astype(mask_iou.dtype)
     out = dict(
         boxes=det['boxes'] * vf[..., None],
@@ -292,13 +278,13 @@ class MaskScoringRCNN(nn.Module):
     pos_labels = jnp.where(pos_valid, rc['labels'][:, :npos], 0)
     mask_feats = self.roi_features(feats, pos_rois, pad_shape,
                                    rh.mask_roi_extractor.output_size)
-    mask_logits = take_class(self.roi_head.mask(mask_feats), pos_labels)
+    mask_logits = losses_lib.select_class(self.roi_head.mask(mask_feats), pos_labels)
     mask_t = jax.vmap(
         lambda r, g, gm, fr, ps, v: targets_lib.mask_targets(
             r, g, gm, fr, ps, mask_size=rc_cfg.mask_size, valid=v))(
                 pos_rois, pos_gt, gt_masks, frames, pad_shape, pos_valid)
     loss_mask = losses_lib.mask_loss(mask_logits, mask_t, pos_valid)
-    iou_pred = take_class(self.roi_head.mask_iou(mask_feats, mask_logits),
+    iou_pred = losses_lib.select_class(self.roi_head.mask_iou(mask_feats, mask_logits),
                           pos_labels)
     iou_t = jax.vmap(
         lambda r, g, ml, mt, gm, fr, ps, v: targets_lib.maskiou_targets(

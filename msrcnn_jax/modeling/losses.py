@@ -118,18 +118,18 @@ def rcnn_loss(cls_logits: jnp.ndarray,
 
 
 def select_class(x: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
-  """Channel ``labels[i]`` of the last axis of ``x[i]``.
+  """Channel ``labels[...]`` of the last axis of ``x``.
 
   Args:
-    x: ``(P, ..., C)``, e.g. mask logits ``(P, 28, 28, 80)`` (NHWC) or MaskIoU
-      output ``(P, 80)``.
-    labels: ``(P,)`` int, clipped to ``[0, C)``.
+    x: ``(*L, ..., C)``, e.g. mask logits ``(B, P, 28, 28, C)`` (NHWC) or
+      MaskIoU output ``(B, P, C)``.
+    labels: ``(*L)`` int (leading axes of ``x``), clipped to ``[0, C)``.
 
   Returns:
-    ``x[i, ..., labels[i]]``, shape ``(P, ...)``.
+    ``x[l..., ..., labels[l...]]``, shape ``(*L, ...)``.
   """
   idx = jnp.clip(labels, 0, x.shape[-1] - 1).astype(jnp.int32)
-  idx = idx.reshape(idx.shape + (1,) * (x.ndim - 1))
+  idx = idx.reshape(idx.shape + (1,) * (x.ndim - labels.ndim))
   return jnp.take_along_axis(x, idx, axis=-1)[..., 0]
 
 
