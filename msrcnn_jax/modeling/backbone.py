@@ -169,8 +169,15 @@ class ResNet(nn.Module):
                        f'(size_divisor), got {x.shape}')
     x = layers.mask_invalid(x.astype(self.dtype), valid_hw)
     y = nn.relu(self.bn1(self.conv1(x)))
-    y = layers.mask_invalid(y, layers.valid_size(valid_hw, 2), -jnp.inf)
+    # Zero beyond the valid region, not -inf: after the ReLU every value is
+    # >= 0 and every pooling window of a valid output holds a valid pixel,
+    # so a 0 there never wins a max and the valid outputs equal mmdetection's
+    # (its -inf border padding). With -inf, windows wholly in the bucket
+    # padding would stay -inf and turn layer1's kernel gradients into
+    # -inf * 0 = NaN (issue 10).
+    y = layers.mask_invalid(y, layers.valid_size(valid_hw, 2))
     y = layers.max_pool_3x3_s2(y)
+    y = layers.mask_invalid(y, layers.valid_size(valid_hw, 4))
     if self.frozen_stages >= 0:
       # mmdet freezes the stem when frozen_stages >= 0.
       y = jax.lax.stop_gradient(y)

@@ -188,7 +188,8 @@ class MaskScoringRCNN(nn.Module):
     Args:
       batch: ``image (B, H, W, 3)``, ``img_shape``/``pad_shape (B, 2)``,
         ``gt_boxes (B, G, 4)`` train-scale, ``gt_labels (B, G)``,
-        ``gt_valid (B, G)``, ``gt_masks (B, G, M, M)`` box-aligned crops;
+        ``gt_valid (B, G)`` (rows with zero width or height count as
+        padding), ``gt_masks (B, G, M, M)`` box-aligned crops;
         optional ``gt_mask_frames (B, G, 4)``: the box each crop covers
         (default ``gt_boxes``; the whole padded image for full bitmaps).
       rng: PRNG key of the RPN and R-CNN samplers.
@@ -207,7 +208,12 @@ class MaskScoringRCNN(nn.Module):
     img_shape, pad_shape = batch['img_shape'], batch['pad_shape']
     gt_boxes = batch['gt_boxes'].astype(jnp.float32)
     gt_labels = batch['gt_labels'].astype(jnp.int32)
-    gt_valid = batch['gt_valid'].astype(bool)
+    # A zero-width or zero-height box cannot be regressed to (log 0 in the
+    # box targets): such a row counts as padding, as the COCO loader already
+    # drops ``w < 1 or h < 1`` annotations (mmdetection _parse_ann_info).
+    gt_valid = (batch['gt_valid'].astype(bool)
+                & (gt_boxes[..., 2] > gt_boxes[..., 0])
+                & (gt_boxes[..., 3] > gt_boxes[..., 1]))
     gt_masks = batch['gt_masks']
     frames = batch.get('gt_mask_frames', gt_boxes)
     bsz = gt_boxes.shape[0]

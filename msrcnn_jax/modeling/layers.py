@@ -63,8 +63,8 @@ def mask_invalid(x: jnp.ndarray, valid_hw: jnp.ndarray,
     x: ``(B, H, W, C)`` features of a bucket-padded batch.
     valid_hw: ``(B, 2)`` int32 valid ``(h, w)`` of each image at x's stride
       (see ``valid_size``).
-    fill_value: 0 before convolutions (PyTorch zero padding), -inf before max
-      pooling.
+    fill_value: 0 before convolutions (PyTorch zero padding). Never +-inf:
+      a non-finite fill reaches the backward pass as inf * 0 = NaN.
 
   Returns:
     ``x`` with the invalid rows / columns replaced, same shape and dtype.
