@@ -13,13 +13,13 @@ and exits non-zero naming every missing, unexpected or mis-shaped tensor.
 """
 
 import os
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from msrcnn_jax import errors
 from msrcnn_jax.convert import checkpoint_io
 from msrcnn_jax.convert import mmdet
 
@@ -37,14 +37,9 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save step
   config = _CONFIG.value
   if config is None or not _CHECKPOINT.value or not _OUTPUT.value:
-    print('--config, --checkpoint and --output are required', file=sys.stderr)
-    return 2
-  try:
-    variables, report = mmdet.convert_checkpoint(
-        _CHECKPOINT.value, config, backbone_only=_BACKBONE_ONLY.value)
-  except mmdet.ConversionError as e:
-    print(f'CONVERSION FAILED: {e}', file=sys.stderr)
-    return 1
+    raise app.UsageError('--config, --checkpoint and --output are required')
+  variables, report = mmdet.convert_checkpoint(
+      _CHECKPOINT.value, config, backbone_only=_BACKBONE_ONLY.value)
   print(report.format())
   out = checkpoint_io.save_variables(
       _OUTPUT.value, variables,
@@ -52,9 +47,8 @@ def main(argv):
            backbone_only=_BACKBONE_ONLY.value,
            tensors_mapped=len(report.mapped), num_params=report.num_params))
   print(f'wrote {out}')
-  return 0
 
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config', 'checkpoint', 'output'])
-  app.run(lambda argv: sys.exit(main(argv)))
+  errors.run(main)

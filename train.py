@@ -18,11 +18,14 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from msrcnn_jax import errors
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', os.path.join(_HERE, 'configs', 'quickstart_synthetic.py'),
-    'Config file (a python file with get_config()).', lock_config=True)
+with errors.config_errors_reported():  # overrides of the default config
+  _CONFIG = config_flags.DEFINE_config_file(
+      'config', os.path.join(_HERE, 'configs', 'quickstart_synthetic.py'),
+      'Config file (a python file with get_config()).', lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     'workdir', None,
     'Checkpoints, TensorBoard events and evaluation output '
@@ -48,4 +51,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run(main)

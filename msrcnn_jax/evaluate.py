@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Sequence
 
 from absl import app
@@ -24,9 +23,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from msrcnn_jax.convert import checkpoint_io
-from msrcnn_jax.data import coco
-from msrcnn_jax.data import image_io
+from msrcnn_jax import errors
 from msrcnn_jax.data import pipeline
 from msrcnn_jax.evaluation.run import evaluate_model, write_json
 from msrcnn_jax.modeling import build
@@ -57,17 +54,12 @@ def main(argv: Sequence[str]) -> None:
     config.data.coco_dir = _COCO_DIR.value
     config.data.val_split = _SPLIT.value
   output_dir = os.path.dirname(os.path.abspath(_OUTPUT.value))
-  try:
-    variables, meta = build.load_checked_variables(config, _CHECKPOINT.value)
-    source = pipeline.build_source(config, train=False)
-    os.makedirs(output_dir, exist_ok=True)
-    metrics, _ = evaluate_model(config, variables, output_dir, source=source,
-                                max_images=_MAX_IMAGES.value,
-                                batch_size=_BATCH_SIZE.value)
-  except (checkpoint_io.CheckpointError, build.VariablesMismatchError,
-          coco.CocoFormatError, image_io.ImageReadError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+  source = pipeline.build_source(config, train=False)
+  variables, _ = build.load_checked_variables(config, _CHECKPOINT.value)
+  os.makedirs(output_dir, exist_ok=True)
+  metrics, _ = evaluate_model(config, variables, output_dir, source=source,
+                              max_images=_MAX_IMAGES.value,
+                              batch_size=_BATCH_SIZE.value)
   if os.path.abspath(_OUTPUT.value) != os.path.join(output_dir,
                                                     'metrics.json'):
     write_json(_OUTPUT.value, metrics)
@@ -76,4 +68,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run(main)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Sequence
 
 from absl import app
@@ -23,8 +22,8 @@ from absl import logging
 import cv2
 from ml_collections import config_flags
 
+from msrcnn_jax import errors
 from msrcnn_jax import postprocess
-from msrcnn_jax.convert import checkpoint_io
 from msrcnn_jax.data import image_io
 from msrcnn_jax.evaluation import visualize
 from msrcnn_jax.inference import Predictor
@@ -68,16 +67,11 @@ def main(argv: Sequence[str]) -> None:
   config = _CONFIG.value
   if config is None or _CHECKPOINT.value is None:
     raise app.UsageError('--config and --checkpoint are required.')
-  try:
-    _check_images(paths)
-    variables, meta = build.load_checked_variables(config, _CHECKPOINT.value)
-    logging.info('Loaded %s (%s)', _CHECKPOINT.value, meta.get('config_name'))
-    predictor = Predictor(config, variables)
-    records = predictor.predict_images(paths, batch_size=_BATCH_SIZE.value)
-  except (checkpoint_io.CheckpointError, build.VariablesMismatchError,
-          image_io.ImageReadError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+  _check_images(paths)
+  variables, meta = build.load_checked_variables(config, _CHECKPOINT.value)
+  logging.info('Loaded %s (%s)', _CHECKPOINT.value, meta.get('config_name'))
+  predictor = Predictor(config, variables)
+  records = predictor.predict_images(paths, batch_size=_BATCH_SIZE.value)
   entries = postprocess.records_to_prediction_json(
       records, config.data.category_ids)
   out_dir = os.path.dirname(os.path.abspath(_OUTPUT.value))
@@ -100,4 +94,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run(main)

@@ -187,8 +187,8 @@ def test_convert_errors(tmp_path):
                 checkpoint, '--output', out, expect_ok=False)
 
   # The r50 caffe checkpoint with the x101 config: names mis-shaped keys.
-  _failed(convert(cfg_x101, pth), 'CONVERSION FAILED', 'mis-shaped',
-          'backbone.layer1.0.conv2.weight')
+  _failed(convert(cfg_x101, pth), 'error: checkpoint does not match',
+          'mis-shaped', 'backbone.layer1.0.conv2.weight')
   truncated = tmp_path / 'truncated.pth'
   with open(pth, 'rb') as f:
     content = f.read()

@@ -23,12 +23,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from msrcnn_jax.errors import UserError
+
 FORMAT = 'msrcnn_jax.variables.v1'
 _VARIABLES = 'variables'
 _METADATA = 'metadata.json'
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
   """A checkpoint directory is missing, incomplete or not ours."""
 
 

@@ -33,6 +33,7 @@ import numpy as np
 from msrcnn_jax.data import coco as coco_lib
 from msrcnn_jax.data import image_io
 from msrcnn_jax.data import transforms
+from msrcnn_jax.errors import ConfigError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,8 @@ def build_source(cfg, train: bool, split: str | None = None):
                                    name=d.get('tfds_name',
                                               'coco_instance_masks'),
                                    min_size=min_size)
-  raise ValueError(f'unknown cfg.data.source {d.source!r}')
+  raise ConfigError(f'unknown config.data.source {d.source!r}; expected '
+                    'coco, tfds or synthetic')
 
 
 def image_sizes(source) -> np.ndarray:
@@ -101,11 +103,11 @@ def _bucket_ids(sizes: np.ndarray, data_cfg) -> np.ndarray:
 # -------------------------------------------------------------- examples
 def _load_image(rec) -> np.ndarray:
   img = image_io.load_record_image(rec)
-  if img.shape[:2] != (int(rec['height']), int(rec['width'])):
-    raise ValueError(
-        f'image {rec.get("path") or rec.get("file_name")} decodes to '
-        f'{img.shape[:2]} but its annotation says (h, w) = '
-        f'({rec["height"]}, {rec["width"]}) (EXIF rotation?)')
+  expected = (int(rec['height']), int(rec['width']))
+  if img.shape[:2] != expected:  # sources check headers; this is the rest
+    raise image_io.ImageReadError(image_io.size_mismatch_message(
+        f'{rec.get("path") or rec.get("file_name")} (image '
+        f'{rec.get("image_id")})', expected, img.shape[:2]))
   return img
 
 
@@ -196,7 +198,7 @@ class TrainPlan:
     self.global_batch = int(global_batch)
     self.seed = int(seed)
     if len(self.bucket_ids) == 0:
-      raise ValueError('the training source has no images')
+      raise UserError('the training source has no images')
     self.buckets = sorted(set(self.bucket_ids.tolist()))
     counts = [int((self.bucket_ids == b).sum()) for b in self.buckets]
     self.steps_per_epoch = sum(-(-c // self.global_batch) for c in counts)
@@ -238,8 +240,9 @@ class TrainIterator:
   Attributes:
     step: the step of the next batch.
     steps_per_epoch: global batches per epoch.
-    truncated_images: images seen so far with more than max_instances
-      instances (only the first max_instances were kept).
+    truncated_images: distinct images seen so far with more than
+      max_instances instances (only the first max_instances were kept);
+      each is counted once however often it is drawn.
   """
 
   def __init__(self, cfg, source, batch_size_per_host: int, seed: int,
@@ -255,15 +258,20 @@ class TrainIterator:
     self.steps_per_epoch = self.plan.steps_per_epoch
     self.step = int(start_step)
     self.truncated_images = 0
+    self._truncated: set[int] = set()  # record indices
     self._warned = 0
     self._prefetch = _Prefetcher(
         self._jobs, self.step, None, int(cfg.data.get('num_workers', 0)),
         int(cfg.data.get('prefetch', 1)))
 
-  def _jobs(self, step: int):
+  def _mine(self, step: int) -> tuple[int, int, np.ndarray]:
+    """(epoch, bucket, this host's record indices) of a step."""
     epoch, b, idx = self.plan.batch(step)
     lo = self.process_index * self.batch_size
-    mine = idx[lo:lo + self.batch_size]
+    return epoch, b, idx[lo:lo + self.batch_size]
+
+  def _jobs(self, step: int):
+    epoch, b, mine = self._mine(step)
     ratio = float(self.data_cfg.flip_ratio)
     return [
         (lambda i=int(i): train_example(
@@ -276,16 +284,20 @@ class TrainIterator:
 
   def __next__(self) -> dict[str, np.ndarray]:
     results = self._prefetch.next_results()
+    _, _, mine = self._mine(self.step)
     self.step += 1
-    n_trunc = sum(t for _, t in results)
-    if n_trunc:
-      self.truncated_images += n_trunc
+    new = {int(i) for i, (_, t) in zip(mine, results) if t} - self._truncated
+    if new:
+      self._truncated |= new
+      self.truncated_images = len(self._truncated)
       if self.truncated_images >= 2 * self._warned:
         self._warned = self.truncated_images
         logger.warning(
-            '%d training images so far had more than max_instances=%d '
-            'instances; only the first %d were kept',
-            self.truncated_images, self.data_cfg.max_instances,
+            '%d distinct training image(s) so far have more than '
+            'max_instances=%d instances (newly seen: image %s); only the '
+            'first %d are kept', self.truncated_images,
+            self.data_cfg.max_instances,
+            ', '.join(str(self.source[i]['image_id']) for i in sorted(new)),
             self.data_cfg.max_instances)
     return _stack([e for e, _ in results], TRAIN_KEYS)
 
@@ -333,8 +345,8 @@ def make_train_iterator(cfg, source=None,
   if batch_size_per_host is None:
     global_batch = int(cfg.train.global_batch_size)
     if global_batch % n:
-      raise ValueError(f'global batch {global_batch} is not divisible by '
-                       f'{n} hosts')
+      raise ConfigError(f'config.train.global_batch_size={global_batch} is '
+                        f'not divisible by the {n} hosts')
     batch_size_per_host = global_batch // n
   if seed is None:
     seed = int(cfg.get('seed', 0))

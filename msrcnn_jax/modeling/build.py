@@ -8,10 +8,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from msrcnn_jax.errors import UserError
 from msrcnn_jax.modeling.detector import MaskScoringRCNN
 
 
-class VariablesMismatchError(ValueError):
+class VariablesMismatchError(UserError, ValueError):
   """Loaded variables do not fit the model a config describes."""
 
 

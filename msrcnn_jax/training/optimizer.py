@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from msrcnn_jax.errors import ConfigError
+
 PyTree = Any
 
 _LAYER_RE = re.compile(r'^layer(\d+)_\d+$')
@@ -213,8 +215,8 @@ def make_optimizer(
     parts.append(optax.trace(decay=float(t.momentum), nesterov=False))
     parts.append(optax.scale_by_learning_rate(schedule_fn))
   else:
-    raise ValueError(f'config.train.optimizer must be sgd or adamw, got '
-                     f'{kind!r}')
+    raise ConfigError(f'config.train.optimizer must be sgd or adamw, got '
+                      f'{kind!r}')
   sgd = optax.chain(*parts)
   if mask is None:
     return sgd, schedule_fn
