@@ -47,6 +47,19 @@ def _exit_with(message: str) -> NoReturn:
   sys.exit(1)
 
 
+def _one_line(e: BaseException) -> str:
+  """An exception's message on one line (wrapped KeyErrors unquoted)."""
+  while e.args and isinstance(e.args[0], BaseException):
+    e = e.args[0]
+  if isinstance(e, SyntaxError):
+    text = f'{e.msg} ({e.filename}, line {e.lineno})'
+  elif isinstance(e, LookupError) and e.args and isinstance(e.args[0], str):
+    text = e.args[0]  # str(KeyError) is the repr of its message
+  else:
+    text = str(e)
+  return ' '.join(line.strip() for line in text.splitlines() if line.strip())
+
+
 @contextlib.contextmanager
 def config_errors_reported() -> Iterator[None]:
   """Reports any exception raised while loading a config as a user error.
@@ -58,7 +71,8 @@ def config_errors_reported() -> Iterator[None]:
   try:
     yield
   except Exception as e:  # pylint: disable=broad-except
-    _exit_with(f'bad config or override: {type(e).__name__}: {e}')
+    _exit_with(f'bad config or override ({type(e).__name__}): '
+               f'{_one_line(e)}')
 
 
 def _parse_flags(argv: Sequence[str]) -> list[str]:
@@ -69,8 +83,12 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
     except flags.Error as e:
       _exit_with(f'{e} (pass --helpfull to see the flags)')
     for name in list(flags.FLAGS):
-      # Config files load lazily and report load errors on first access.
-      _ = flags.FLAGS[name].value
+      # ml_collections keeps a config file's load error in a placeholder
+      # value that raises it on first use; raise it now.
+      load_error = getattr(flags.FLAGS[name].value, '__dict__', {}).get(
+          '_error')
+      if isinstance(load_error, BaseException):
+        raise load_error
   return rest
 
 

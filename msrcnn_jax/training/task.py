@@ -32,7 +32,10 @@ class DetectorTask:
     self.workdir = workdir
     self.model = MaskScoringRCNN(config)
     self._predictor = None
-    self._eval_source = None
+    from msrcnn_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    # Read (and checked) now: a bad evaluation split is refused before
+    # training, not after it.
+    self._eval_source = pipeline.build_source(config, train=False)
 
   def init_variables(self, rng: jax.Array, batch: Any = None) -> dict:
     """Random ``{'params', 'batch_stats'}`` (shapes do not depend on batch)."""
@@ -58,13 +61,10 @@ class DetectorTask:
     ``config.num_vis_images`` pictures to ``<workdir>/eval``; returns the
     scalar metrics (mmdetection's names plus the mask-scoring correlations).
     """
-    from msrcnn_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     from msrcnn_jax.evaluation.run import evaluate_model  # pylint: disable=g-import-not-at-top
     from msrcnn_jax.inference import Predictor  # pylint: disable=g-import-not-at-top
     variables = jax.device_get({'params': state.params,
                                 'batch_stats': state.batch_stats})
-    if self._eval_source is None:
-      self._eval_source = pipeline.build_source(self.config, train=False)
     if self._predictor is None:
       self._predictor = Predictor(self.config, variables)
     self._predictor.variables = variables
