@@ -110,9 +110,16 @@ def displayed_size(path: str) -> tuple[tuple[int, int], tuple[int, int],
       tags = getattr(im, 'tag_v2', None)  # TIFF: the stored size is in tags
       if tags is not None and 256 in tags and 257 in tags:
         w, h = int(tags[256]), int(tags[257])
+        orientation = tags.get(_EXIF_ORIENTATION, 1)
       else:
         w, h = im.size
-      orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+        # The EXIF block the header holds (JPEG APP1, PNG eXIf before IDAT,
+        # WebP); im.getexif() would decode a whole PNG to look further.
+        exif = Image.Exif()
+        if im.info.get('exif'):
+          exif.load(im.info['exif'])
+        orientation = exif.get(_EXIF_ORIENTATION, 1)
+      orientation = int(orientation or 1)
   except Exception:  # pylint: disable=broad-except  # not for Pillow
     return None
   shown = (w, h) if orientation in _TRANSPOSING_ORIENTATIONS else (h, w)
