@@ -347,7 +347,7 @@ def test_max_instances_warning_counts_each_image_once(caplog):
           if r.name == pipeline.__name__]
   assert len(msgs) == 1, msgs
   assert msgs[0].startswith('1 distinct training image(s) so far have more '
-                            'than max_instances=100 instances (newly seen: '
+                            'than max_instances=100 instances (latest: '
                             'image 1)')
 
 

@@ -294,7 +294,7 @@ class TrainIterator:
         self._warned = self.truncated_images
         logger.warning(
             '%d distinct training image(s) so far have more than '
-            'max_instances=%d instances (newly seen: image %s); only the '
+            'max_instances=%d instances (latest: image %s); only the '
             'first %d are kept', self.truncated_images,
             self.data_cfg.max_instances,
             ', '.join(str(self.source[i]['image_id']) for i in sorted(new)),

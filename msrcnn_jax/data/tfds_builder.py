@@ -9,8 +9,12 @@ bytes* unchanged (decoded later with cv2 exactly as mmdetection does, see
 ``area``, ``category_id``, ``label`` (index in the sorted category ids),
 ``is_crowd``, ``ignore`` and the instance mask as a compressed COCO RLE
 string (polygons are converted with pycocotools ``frPyObjects`` + ``merge``,
-the same bitmaps ``annToMask`` gives). mmdetection's filtering is applied
-when reading (``TfdsSource``), by ``coco.parse_annotations``.
+the same bitmaps ``annToMask`` gives). The annotation file is read with
+``coco.load_coco`` (invalid polygon parts dropped, missing areas computed,
+malformed files refused) and the image files checked with
+``coco.check_image_files`` before the first example; mmdetection's
+filtering is applied when reading (``TfdsSource``), by
+``coco.parse_annotations``.
 
 TensorFlow / tensorflow_datasets are imported lazily (the ``tfds`` extra):
 ``CocoInstanceMasks`` is created on first access.
