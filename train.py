@@ -18,6 +18,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from msrcnn_jax import compilation_cache
 from msrcnn_jax import errors
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -38,6 +39,7 @@ def main(argv):
   # Before any JAX computation: joins the other hosts when there are any.
   from msrcnn_jax.training import partitioning  # pylint: disable=g-import-not-at-top
   partitioning.maybe_initialize_distributed()
+  compilation_cache.enable()
   from msrcnn_jax.training import trainer  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join('workdir', config.name)

@@ -23,6 +23,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from msrcnn_jax import compilation_cache
 from msrcnn_jax import errors
 from msrcnn_jax.data import pipeline
 from msrcnn_jax.evaluation.run import evaluate_model, write_json
@@ -46,6 +47,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore step
+  compilation_cache.enable()
   config = _CONFIG.value
   if config is None or not _CHECKPOINT.value or not _COCO_DIR.value:
     raise app.UsageError('--config, --checkpoint and --coco-dir are required.')

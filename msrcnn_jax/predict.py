@@ -22,6 +22,7 @@ from absl import logging
 import cv2
 from ml_collections import config_flags
 
+from msrcnn_jax import compilation_cache
 from msrcnn_jax import errors
 from msrcnn_jax import postprocess
 from msrcnn_jax.data import image_io
@@ -64,6 +65,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError('Give at least one image path.')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore step
+  compilation_cache.enable()
   config = _CONFIG.value
   if config is None or _CHECKPOINT.value is None:
     raise app.UsageError('--config and --checkpoint are required.')

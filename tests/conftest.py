@@ -11,6 +11,13 @@ import os
 import numpy as np
 import pytest
 
+# Tests compile for the CPU only, also where the accelerator extra (CUDA
+# plugin, libtpu) is installed; accelerator targets are compiled deviceless
+# (tests/test_accelerator_compile.py). No persistent compilation cache: tests
+# stay independent of earlier runs and of each other under -n 2.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('MSRCNN_COMPILATION_CACHE', '0')
+
 from msrcnn_jax.config import ms_rcnn_config
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures', 'mmdet')
