@@ -417,6 +417,10 @@ def cost_figures(compiled) -> dict[str, float]:
 _INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s'
                     r'([a-z][\w\-]*)\((.*)$')
 _COMP = re.compile(r'^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$')
+# Data-moving ops counted by the audit (the collectives move data between
+# chips: with a batch-sharded program they should only reduce gradients).
+_MOVES = ('gather', 'scatter', 'all-gather', 'all-reduce', 'all-to-all',
+          'collective-permute', 'reduce-scatter')
 _SHAPE = re.compile(r'([a-z]+\d*)\[([\d,]*)\]')
 
 
@@ -485,9 +489,9 @@ def audit_hlo(text: str) -> dict[str, Any]:
 
   Returns:
     ``loops``: list of dicts (source, trip count or None, parent loop,
-    body op counts); ``gathers``/``scatters``: per source line, count and
-    elements moved (result elements of a gather, update elements of a
-    scatter).
+    body op counts); ``gathers``, ``scatters``, ``all-gathers``,
+    ``all-reduces``, ...: per source line, count and the largest number of
+    elements moved (result elements; update elements of a scatter).
   """
   frames = _stack_frames(text)
   comps: dict[str, list[str]] = collections.OrderedDict()
@@ -544,24 +548,25 @@ def audit_hlo(text: str) -> dict[str, Any]:
     lp['parent'] = next((loops[owner[b]]['source'] for b in owner
                          if b != lp['body'] and lp['comp'] in reach(b)),
                         None)
-  moves = {'gather': collections.defaultdict(lambda: [0, 0]),
-           'scatter': collections.defaultdict(lambda: [0, 0])}
+  moves = {k: collections.defaultdict(lambda: [0, 0]) for k in _MOVES}
   for lines in comps.values():
     for line in lines:
       m = _INSTR.match(line)
-      if not m or m.group(3) not in moves:
+      if not m or m.group(3).replace('-start', '') not in moves:
         continue
-      if m.group(3) == 'gather':
+      kind = m.group(3).replace('-start', '')
+      if kind != 'scatter':
         n = _elements(m.group(2))
       else:  # the update operand is the last shaped operand
         n = _elements(m.group(4).split(')')[0].split('%')[-1]) or _elements(
             m.group(2))
-      e = moves[m.group(3)][_source(line, frames)]
+      e = moves[kind][_source(line, frames)]
       e[0] += 1
       e[1] = max(e[1], n)
-  return dict(loops=loops,
-              gathers={k: tuple(v) for k, v in moves['gather'].items()},
-              scatters={k: tuple(v) for k, v in moves['scatter'].items()})
+  out = dict(loops=loops)
+  out.update({f'{k}s': {s: tuple(v) for s, v in moves[k].items()}
+              for k in _MOVES})
+  return out
 
 
 def print_audit(name: str, audit: dict[str, Any]) -> None:
@@ -571,7 +576,9 @@ def print_audit(name: str, audit: dict[str, Any]) -> None:
     ops = ', '.join(f'{v} {k}' for k, v in sorted(lp['ops'].items()))
     nest = f' (inside {lp["parent"]})' if lp['parent'] else ''
     print(f'    while {lp["source"]}{nest}: trip {trip}; body: {ops}')
-  for kind in ('gathers', 'scatters'):
+  for kind in (f'{k}s' for k in _MOVES):
+    if not audit[kind]:
+      continue
     items = sorted(audit[kind].items(), key=lambda kv: -kv[1][1])
     total = sum(v[0] for v in audit[kind].values())
     print(f'    {total} {kind}; largest (source: count, max elements):')

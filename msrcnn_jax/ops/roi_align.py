@@ -443,12 +443,14 @@ def _multilevel_jit(feats, boxes, pad_shape, strides, output_size,
   vh = jnp.clip((pad_shape[:, 0:1] + stride - 1) // stride, 1, heights[lvl])
   vw = jnp.clip((pad_shape[:, 1:2] + stride - 1) // stride, 1, widths[lvl])
   # spatial_scale = 1 / stride (a power of two, so folding it into the boxes
-  # is exact); image b's table starts at b * total.
+  # is exact).
   scaled = boxes * scales[lvl][..., None]
-  total = flat.shape[1]
-  base = bases[lvl] + total * jnp.arange(bsz, dtype=jnp.int32)[:, None]
-  pooled = _roi_align_flat(
-      flat.reshape(bsz * total, c), scaled.reshape(bsz * n, 4), 1.,
-      vh.reshape(-1), vw.reshape(-1), widths[lvl].reshape(-1),
-      base.reshape(-1), output_size, max_samples, 0, True, chunk)
-  return pooled.reshape((bsz, n) + pooled.shape[1:])
+
+  # Image by image (vmap): each image reads only its own table, so a
+  # batch-sharded program pools each chip's images on that chip (one table
+  # for the whole batch made every chip loop over all RoIs of the global
+  # batch and all-reduce the result; benchmarks/aot.py --audit).
+  def one_image(table, rois, vh_i, vw_i, row_stride, base):
+    return _roi_align_flat(table, rois, 1., vh_i, vw_i, row_stride, base,
+                           output_size, max_samples, 0, True, chunk)
+  return jax.vmap(one_image)(flat, scaled, vh, vw, widths[lvl], bases[lvl])
