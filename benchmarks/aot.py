@@ -42,6 +42,7 @@ libtpu process per machine); they take minutes each on a small CPU.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import re
@@ -151,12 +152,25 @@ def target_devices(target: str, topology: str = 'v5e:2x2', chips: int = 4
           hbm * GiB if hbm else None)
 
 
-def _roi_align_chunk_for(target: str):
-  """RoIAlign's chunk default follows ``jax.default_backend()``, which is the
-  CPU here: compile accelerator targets with the accelerator's default."""
+@contextlib.contextmanager
+def accelerator_defaults(target: str):
+  """Within: programs are traced with the target's backend defaults.
+
+  RoIAlign's chunk default follows ``jax.default_backend()``, which is the
+  CPU in this process; for an accelerator target it must be the
+  accelerator's (512). Restored, with RoIAlign's trace cache cleared, on
+  exit, so CPU programs traced later in the same process are unaffected.
+  """
   from msrcnn_jax.ops import roi_align  # pylint: disable=g-import-not-at-top
+  saved = roi_align._default_chunk  # pylint: disable=protected-access
   if target != 'local':
     roi_align._default_chunk = lambda: 512  # pylint: disable=protected-access
+  roi_align._multilevel_jit.clear_cache()  # pylint: disable=protected-access
+  try:
+    yield
+  finally:
+    roi_align._default_chunk = saved  # pylint: disable=protected-access
+    roi_align._multilevel_jit.clear_cache()  # pylint: disable=protected-access
 
 
 # ------------------------------------------------------- abstract programs
@@ -632,7 +646,15 @@ def run(target: str, topology: str, chips: int, configs: list[str],
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   from msrcnn_jax.training import partitioning  # pylint: disable=g-import-not-at-top
   devices, desc, hbm = target_devices(target, topology, chips)
-  _roi_align_chunk_for(target)
+  with accelerator_defaults(target):
+    return _run(devices, desc, hbm, configs, batches, dtypes, programs,
+                stages, audit, bucket)
+
+
+def _run(devices, desc, hbm, configs, batches, dtypes, programs, stages,
+         audit, bucket):
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from msrcnn_jax.training import partitioning  # pylint: disable=g-import-not-at-top
   mesh = partitioning.make_mesh(devices)
   n = len(devices)
   print(f'target: {desc}; HBM/chip '
