@@ -404,7 +404,7 @@ def multilevel_roi_align(feats: Sequence[jnp.ndarray], boxes: jnp.ndarray,
     output_size: bins per side (7 bbox, 14 mask).
     max_samples: static cap on samples per bin side (see ``roi_align``).
     finest_scale: level mapping scale (56).
-    chunk: RoIs per chunk of the pooling loop (default: 32 on CPU, 512
+    chunk: RoIs of one image per chunk of the pooling loop (default: 32 on CPU, 512
       elsewhere).
 
   Returns:
@@ -421,7 +421,7 @@ def _multilevel_jit(feats, boxes, pad_shape, strides, output_size,
                     max_samples, finest_scale, chunk):
   num_levels = len(strides)
   assert len(feats) == num_levels, (len(feats), strides)
-  bsz, n = boxes.shape[:2]
+  bsz = boxes.shape[0]
   c = feats[0].shape[-1]
   flat = jnp.concatenate(
       [f.reshape(bsz, -1, c) for f in feats], axis=1)  # (B, T, C)
