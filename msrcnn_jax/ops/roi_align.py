@@ -404,8 +404,8 @@ def multilevel_roi_align(feats: Sequence[jnp.ndarray], boxes: jnp.ndarray,
     output_size: bins per side (7 bbox, 14 mask).
     max_samples: static cap on samples per bin side (see ``roi_align``).
     finest_scale: level mapping scale (56).
-    chunk: RoIs of one image per chunk of the pooling loop (default: 32 on CPU, 512
-      elsewhere).
+    chunk: RoIs of one image per chunk of the pooling loop (default: 32
+      on CPU, 512 elsewhere).
 
   Returns:
     ``(B, N, output_size, output_size, C)`` in the features' dtype.
