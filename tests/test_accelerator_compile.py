@@ -67,7 +67,8 @@ def test_full_size_compiles_for_h200_within_budget(program):
     largest = max((n for _, n in audit['all-reduces'].values()), default=0)
     assert largest <= 1000, audit['all-reduces']
   # RoIAlign's chunk loop runs over this chip's RoIs only: at most
-  # ceil(1000 proposals / 512) = 2 chunks per image (vmapped over images).
+  # ceil(1000 proposals / 512) = 2 chunks per image (vmapped over images;
+  # a 1-chunk loop is unrolled). Over the whole batch it was 4 here.
   trips = [lp['trip'] for lp in audit['loops']
            if lp['source'].startswith('roi_align.py') and lp['trip']]
-  assert trips and max(trips) <= 2, audit['loops']
+  assert max(trips, default=0) <= 2, audit['loops']
