@@ -1,11 +1,17 @@
 r"""One-command accelerator suite: speed, memory, compile time and parity.
 
-On a GPU machine (about 6-8 minutes on one H200; wheels as in
-../shared/tools/device_wheels.sh, since its image lacks ml_collections,
-pycocotools and tensorboardX):
+On a GPU machine (estimated 6-8 minutes on one H200, mostly compiles; not
+yet run on one). Its image lacks ml_collections, pycocotools and
+tensorboardX, and the parity section imports the CPU test module (pytest):
+here, ``bash ../shared/tools/device_wheels.sh pytest pluggy iniconfig``, then
+in the device call (carry ``.whl``):
 
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-  PYTHONPATH=/tmp/site:$PWD python3 benchmarks/device_suite.py --out $OUT/suite
+  PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 timeout 560 \
+      python3 benchmarks/device_suite.py --out $OUT/suite
+
+Each section writes ``suite.json`` as soon as it ends, so a run stopped by its
+time limit keeps what it measured; ``--sections`` reruns a part.
 
 On the CPU, to check it runs (quickstart config, one inference program, one
 train step, one parity set; minutes on 2 cores):
