@@ -306,7 +306,7 @@ class Programs:
     from msrcnn_jax.training import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
     from msrcnn_jax.training.task import DetectorTask  # pylint: disable=g-import-not-at-top
     jax = self.jax
-    task = DetectorTask(self.config)
+    task = DetectorTask(self.config, check_eval_source=False)
     params = self.variables['params']
     mask = task.frozen_mask(params)
     tx, schedule_fn = optimizer_lib.make_optimizer(self.config, mask)
