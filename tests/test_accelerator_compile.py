@@ -15,7 +15,9 @@ optimised HLO):
   another chip's images; RoIAlign's chunk loop runs at most 2 times (this
   chip's RoIs). RoIAlign over one table of the whole batch made every chip
   loop over all RoIs of the global batch (8 chunks instead of 2).
-The default backend stays the CPU. Cost: about 1-2 minutes (two compiles).
+The default backend stays the CPU. Cost: two compiles, 2.9 min (inference)
+and 3.6 min (train step) on the 2-core VM under a load average of ~15;
+less on a quiet machine.
 """
 
 import functools
