@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from msrcnn_jax.modeling import layers
+from msrcnn_jax.ops import padding
 
 STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 EXPANSION = 4
@@ -162,7 +163,7 @@ class ResNet(nn.Module):
     Returns:
       ``[C2, C3, C4, C5]``, ``(B, H/s, W/s, C)`` for s = 4, 8, 16, 32 and
       C = 4 * base_channels * (1, 2, 4, 8); zero beyond
-      ``valid_size(valid_hw, s)``.
+      ``padding.valid_size(valid_hw, s)``.
     """
     if x.shape[1] % 32 or x.shape[2] % 32:
       raise ValueError(f'input height and width must be multiples of 32 '
@@ -175,19 +176,19 @@ class ResNet(nn.Module):
     # (its -inf border padding). With -inf, windows wholly in the bucket
     # padding would stay -inf and turn layer1's kernel gradients into
     # -inf * 0 = NaN (issue 10).
-    y = layers.mask_invalid(y, layers.valid_size(valid_hw, 2))
+    y = layers.mask_invalid(y, padding.valid_size(valid_hw, 2))
     y = layers.max_pool_3x3_s2(y)
-    y = layers.mask_invalid(y, layers.valid_size(valid_hw, 4))
+    y = layers.mask_invalid(y, padding.valid_size(valid_hw, 4))
     if self.frozen_stages >= 0:
       # mmdet freezes the stem when frozen_stages >= 0.
       y = jax.lax.stop_gradient(y)
     outs = []
-    valid = layers.valid_size(valid_hw, 4)
+    valid = padding.valid_size(valid_hw, 4)
     stages: Sequence[Sequence[Bottleneck]] = (
         self.layer1, self.layer2, self.layer3, self.layer4)
     for i, blocks in enumerate(stages):
       for b, block in enumerate(blocks):
-        valid_out = (layers.valid_size(valid_hw, 4 * 2**i)
+        valid_out = (padding.valid_size(valid_hw, 4 * 2**i)
                      if b == 0 else valid)
         y = block(y, valid, valid_out)
         valid = valid_out

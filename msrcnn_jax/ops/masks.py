@@ -12,6 +12,13 @@ operation order (grid, unnormalise, 4-tap sum), so it reproduces mmdetection's
 masks bit for bit. ``paste_masks_jnp`` is a jit-able separable version for
 the whole canvas (same maths, different summation order: a pixel whose value
 is within float rounding of the threshold can differ).
+
+Ground-truth masks for training are stored as crops: crop ``g`` of shape
+``(Mh, Mw)`` covers exactly its frame box ``mask_frames[g]`` ``(x1, y1, x2,
+y2)`` (train-scale pixels), cell ``(i, j)`` covering ``[fx1 + j * fw / Mw,
+fx1 + (j + 1) * fw / Mw)`` and the same in y (``crop_geometry``). By default
+the frame is the GT box; with the whole padded image as frame and the
+full-resolution bitmap as crop the mask targets are mmdetection's exactly.
 """
 
 from __future__ import annotations
@@ -57,6 +64,26 @@ def _taps(g, size):
   ok1 = (i1 >= 0) & (i1 < size)
   return (np.clip(i0, 0, size - 1), np.clip(i1, 0, size - 1), w0, w1, ok0,
           ok1)
+
+
+def crop_geometry(mask_frames: jnp.ndarray, gt_index: jnp.ndarray,
+                  crop_hw: tuple[int, int]):
+  """Frame origin and cell size of the GT crops ``gt_index`` (pixels).
+
+  Args:
+    mask_frames: ``(G, 4)`` frame boxes of the crops (module docstring).
+    gt_index: ``(P,)`` int GT indices, in range.
+    crop_hw: static ``(Mh, Mw)`` of the crops.
+
+  Returns:
+    ``(x0, y0, cell_w, cell_h)``, each ``(P,)`` float32; a frame side is
+    taken as at least 1e-6 pixels.
+  """
+  frames = mask_frames[gt_index].astype(jnp.float32)
+  mh, mw = crop_hw
+  cw = jnp.maximum(frames[:, 2] - frames[:, 0], 1e-6) / mw
+  ch = jnp.maximum(frames[:, 3] - frames[:, 1], 1e-6) / mh
+  return frames[:, 0], frames[:, 1], cw, ch
 
 
 def paste_mask_region(mask, box, out_hw):

@@ -58,9 +58,7 @@ def _single_image(rois, roi_valid, cls_logits, deltas, img_shape,
   cand_boxes = boxes[idx]
   cand_labels = labels[idx]
   # Offsets from the max over all passing candidates (spec §2.6).
-  max_coord = jnp.max(jnp.where(passing[:, None], boxes, -jnp.inf))
-  max_coord = jnp.where(jnp.any(passing), max_coord, 0.)
-  offsets = cand_labels.astype(jnp.float32) * (max_coord + jnp.float32(1))
+  offsets = nms_lib.batch_offsets(cand_labels, boxes, passing)
   keep, keep_valid = nms_lib.nms_sorted(
       cand_boxes + offsets[:, None], cand_valid, iou_threshold,
       max_per_img, block_size)
