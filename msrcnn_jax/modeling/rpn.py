@@ -424,7 +424,8 @@ class RPN(nn.Module):
         img_shape=img_shape, pad_shape=pad_shape,
         strides=tuple(c.anchor_strides), scales=tuple(c.anchor_scales),
         ratios=tuple(c.anchor_ratios), nms_pre=cfg.nms_pre,
-        max_per_img=cfg.max_per_img, iou_threshold=cfg.iou_threshold)
+        max_per_img=cfg.max_per_img, iou_threshold=cfg.iou_threshold,
+        target_stds=tuple(c.target_stds))
     return dict(boxes=boxes, scores=scores, valid=valid)
 
   def losses(self, cls, reg, pad_shape, gt, rng, sampled=None) -> dict:
