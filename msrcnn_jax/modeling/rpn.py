@@ -9,9 +9,19 @@ weights run on every FPN level. ``rpn_targets`` is
 ``AnchorHead.get_targets`` for one image and ``rpn_loss`` is
 ``AnchorHead.loss``. ``get_proposals`` is
 ``RPNHead._get_bboxes_single`` + ``_bbox_post_process`` for a batch, with
-static shapes: per level top ``nms_pre`` sigmoid scores, decode, clip, the
+static shapes: per level the top ``nms_pre`` anchors, decode, clip, the
 ``w > 0 and h > 0`` filter, NMS per level (level-offset trick of
 ``batched_nms``) and the best ``max_per_img`` over all levels.
+
+Ranking is by objectness *logit*, not by its float32 sigmoid. The sigmoid is
+monotonic, so the order is mmdetection's wherever the float32 scores differ;
+above a logit of about 15.9 different logits round to the same score
+(16.07, 16.27 and 15.61 all give 0.99999988), and there mmdetection's order
+comes from unstable sorts (``scores.sort`` and mmcv's NMS) and is not
+reproducible, while the logits still order the anchors (equal logits: lower
+flat index, lower level first). A tie decides which of two overlapping
+anchors survives NMS; on a full-size R-101 case the logit order matched
+mmdetection where the score order did not.
 
 Anchors beyond an image's valid feature size ``ceil(pad_shape / stride)`` are
 excluded, so the result does not depend on how far the batch is padded (a
@@ -96,13 +106,16 @@ def _level_candidates(cls_l, reg_l, base, stride, vflags_l, k):
     k: static count (``<= H*W*A``).
 
   Returns:
-    ``scores (B, k)`` descending, ``deltas (B, k, 4)``, ``anchors (B, k, 4)``,
-    ``valid (B, k)``.
+    ``logits (B, k)`` descending (0 on padding), ``deltas (B, k, 4)``,
+    ``anchors (B, k, 4)``, ``valid (B, k)``.
   """
   b = cls_l.shape[0]
-  scores = jax.nn.sigmoid(cls_l.reshape(b, -1).astype(jnp.float32))
+  logits = cls_l.reshape(b, -1).astype(jnp.float32)
   deltas = reg_l.reshape(b, -1, 4).astype(jnp.float32)
-  masked = jnp.where(vflags_l, scores, -jnp.inf)
+  # Ranked by logit, not by sigmoid score: the same order wherever the
+  # float32 sigmoids differ, and a defined one where they tie (module
+  # docstring).
+  masked = jnp.where(vflags_l, logits, -jnp.inf)
   # Spec §2.2 step 2: a level with <= nms_pre anchors keeps all of them;
   # top_k with k = all is then just a permutation (NMS sorts anyway).
   top, idx = jax.lax.top_k(masked, k)
@@ -145,7 +158,8 @@ def get_proposals(cls_logits: Sequence[jnp.ndarray],
 
   Returns:
     ``boxes (B, N, 4)`` float32 x1,y1,x2,y2 at test scale, sorted by
-    descending score; ``scores (B, N)`` sigmoid scores; ``valid (B, N)`` bool.
+    descending logit (hence score); ``scores (B, N)`` sigmoid scores;
+    ``valid (B, N)`` bool.
     Padding rows are zero with ``valid`` False.
   """
   cls_logits = [jax.lax.stop_gradient(c) for c in cls_logits]
@@ -171,7 +185,7 @@ def get_proposals(cls_logits: Sequence[jnp.ndarray],
     d_all.append(jnp.pad(d, ((0, 0), (0, pad), (0, 0))))
     a_all.append(jnp.pad(a, ((0, 0), (0, pad), (0, 0))))
     v_all.append(jnp.pad(v, ((0, 0), (0, pad))))
-  scores = jnp.stack(s_all, 1)    # (B, L, P), per level descending
+  logits = jnp.stack(s_all, 1)    # (B, L, P), per level descending
   deltas = jnp.stack(d_all, 1)    # (B, L, P, 4)
   anchors_c = jnp.stack(a_all, 1)  # (B, L, P, 4)
   valid = jnp.stack(v_all, 1)     # (B, L, P)
@@ -196,20 +210,21 @@ def get_proposals(cls_logits: Sequence[jnp.ndarray],
       lambda bx, v: nms_lib.nms_sorted(bx, v, iou_threshold, k, block_size)))
   keep, keep_valid = nms_fn(boxes_off, valid)  # (B, L, k)
   kept_boxes = jnp.take_along_axis(boxes, keep[..., None], axis=2)
-  kept_scores = jnp.take_along_axis(scores, keep, axis=2)
+  kept_logits = jnp.take_along_axis(logits, keep, axis=2)
 
-  # Merge levels: best max_per_img by score (ties: lower level first).
+  # Merge levels: best max_per_img by logit (equal logits: lower level
+  # first).
   b = boxes.shape[0]
   kept_boxes = kept_boxes.reshape(b, num_levels * k, 4)
-  kept_scores = kept_scores.reshape(b, num_levels * k)
+  kept_logits = kept_logits.reshape(b, num_levels * k)
   keep_valid = keep_valid.reshape(b, num_levels * k)
   n_out = min(max_per_img, num_levels * k)
-  top, idx = jax.lax.top_k(jnp.where(keep_valid, kept_scores, -jnp.inf),
+  top, idx = jax.lax.top_k(jnp.where(keep_valid, kept_logits, -jnp.inf),
                            n_out)
   out_valid = top > -jnp.inf
   out_boxes = jnp.take_along_axis(kept_boxes, idx[..., None], axis=1)
   out_boxes = jnp.where(out_valid[..., None], out_boxes, 0.)
-  out_scores = jnp.where(out_valid, top, 0.)
+  out_scores = jnp.where(out_valid, jax.nn.sigmoid(top), 0.)
   if n_out < max_per_img:
     pad = max_per_img - n_out
     out_boxes = jnp.pad(out_boxes, ((0, 0), (0, pad), (0, 0)))

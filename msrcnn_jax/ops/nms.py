@@ -10,6 +10,11 @@ in float32, so boxes of different ``idx`` never overlap, and runs one NMS on
 the offset boxes; we replicate the offset arithmetic so that near-threshold
 decisions see the same rounded coordinates.
 
+Ties: mmcv sorts with an unstable sort, so its order among exactly equal
+scores is unspecified (not a parity target). Here equal scores are visited
+in index order; callers that have logits rank by them instead of by the
+saturating float32 scores (``modeling/rpn.py``, ``box_postprocess.py``).
+
 Algorithm (blocked greedy, exact): sorted candidates are processed in blocks
 of ``block_size``. A block is first tested against the buffer of boxes kept
 so far (at most ``max_output``), then suppression inside the block is
