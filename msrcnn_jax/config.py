@@ -113,6 +113,11 @@ def ms_rcnn_config(*,
                      # score_thr), taken by score; spec §2.4.
                      max_candidates=8000)
   c.test.batch_size = 1
+  # Paste masks on the device (postprocess.paste_on_device; same pixels as
+  # the host paste) and make records in this many worker processes
+  # (-1: CPU cores - 1, at most 8; 0: in the calling thread).
+  c.test.paste_on_device = True
+  c.test.postprocess_workers = -1
 
   # ------------------------------------------------------------- training
   t = c.train = ml_collections.ConfigDict()

@@ -3,7 +3,20 @@
 The jitted detector returns fixed-size arrays (``MaskScoringRCNN.__call__``);
 this module keeps the valid rows of each image, pastes the 28x28 masks onto
 the original-size canvas exactly as mmdetection's ``_do_paste_mask`` (spec
-§2.7, threshold >= 0.5) and RLE-encodes them.
+§2.7, threshold >= 0.5) and RLE-encodes them. Two ways, same RLE strings:
+
+- on the device (``paste_on_device``, a jitted step after the detector that
+  leaves the detector's outputs as they are): masks pasted on a static
+  canvas (the batch's largest original size rounded up to
+  ``CANVAS_MULTIPLE``), turned into bit-packed run boundaries and
+  compacted to their nonzero bytes, a fixed ``(capacity,)`` list per image
+  (``capacity = K x canvas width``: 5 bytes per entry, 320 KB per image
+  for 100 detections on a 640-wide canvas, the size of the 28x28 float32
+  logits it replaces). The host only turns run boundaries into RLE strings
+  (``ops.masks.rles_from_transitions``). An image with more nonzero bytes
+  than the capacity is pasted on the host instead.
+- on the host (``paste_masks``), from the logits: used when the outputs
+  carry no device-pasted masks.
 
 A record (one image) is a dict:
   ``image_id`` int, ``file_name`` str, ``ori_shape`` (h, w),
@@ -17,11 +30,27 @@ ordered by descending box score, K <= 100.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from msrcnn_jax.ops.masks import encode_rle, paste_masks
+from msrcnn_jax.ops.masks import compact_bytes
+from msrcnn_jax.ops.masks import encode_rle
+from msrcnn_jax.ops.masks import paste_masks
+from msrcnn_jax.ops.masks import paste_masks_jnp
+from msrcnn_jax.ops.masks import rle_transitions_jnp
+from msrcnn_jax.ops.masks import rles_from_transitions
+
+# Device canvases are the batch's largest original (h, w) rounded up to this
+# (bounds the number of compiled paste programs; a multiple of 8 for
+# bit packing).
+CANVAS_MULTIPLE = 64
+# Larger canvases are pasted on the host (device memory: K x H x W floats).
+MAX_DEVICE_CANVAS_PIXELS = 1600 * 1600
+DEVICE_MASK_KEYS = ('rle_index', 'rle_value', 'rle_count')
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -32,45 +61,134 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
                       np.float32)
 
 
+def canvas_size(ori_shapes) -> tuple[int, int] | None:
+  """Static device canvas (H, W) for a batch's ``(B, 2)`` original sizes.
+
+  The largest h and w rounded up to ``CANVAS_MULTIPLE``; None when that is
+  more than ``MAX_DEVICE_CANVAS_PIXELS`` (paste on the host).
+  """
+  hw = np.asarray(ori_shapes).reshape(-1, 2).max(0)
+  h, w = (int(-(-int(v) // CANVAS_MULTIPLE) * CANVAS_MULTIPLE) for v in hw)
+  return None if h * w > MAX_DEVICE_CANVAS_PIXELS else (h, w)
+
+
+def paste_on_device(outputs: dict[str, Any], ori_shape: jnp.ndarray,
+                    canvas_hw: tuple[int, int], mask_thr: float = 0.5
+                    ) -> dict[str, jnp.ndarray]:
+  """Jit-able: the detector's masks pasted and run-length coded on device.
+
+  Args:
+    outputs: the detector's output dict (``mask_logits (B, K, m, m)``,
+      ``paste_boxes`` or ``boxes (B, K, 4)`` original pixels, ``valid``).
+    ori_shape: ``(B, 2)`` int32 original (h, w), each <= ``canvas_hw``.
+    canvas_hw: static (H, W), multiples of 8 (``canvas_size``).
+    mask_thr: binarisation threshold (>=).
+
+  Returns:
+    ``rle_index (B, C) int32``, ``rle_value (B, C) uint8``, ``rle_count (B,)
+    int32`` with ``C = K * W``: per image the nonzero bytes of
+    ``rle_transitions_jnp`` of its pasted masks (``compact_bytes``); a
+    count above C means the list is cut short (paste that image on the
+    host). Invalid detections have empty masks.
+  """
+  logits = outputs['mask_logits'].astype(jnp.float32)
+  probs = jnp.where(logits >= 0, 1 / (1 + jnp.exp(-jnp.abs(logits))),
+                    jnp.exp(-jnp.abs(logits)) / (1 + jnp.exp(-jnp.abs(logits))))
+  probs = probs * outputs['valid'][..., None, None]
+  boxes = outputs.get('paste_boxes', outputs['boxes']).astype(jnp.float32)
+  k = probs.shape[1]
+  capacity = k * int(canvas_hw[1])
+
+  def one(args):
+    p, b, hw = args
+    masks = paste_masks_jnp(p, b, canvas_hw, mask_thr, valid_hw=hw)
+    return compact_bytes(rle_transitions_jnp(masks, hw), capacity)
+
+  # Sequential over images: K x H x W floats live at a time.
+  idx, val, count = jax.lax.map(one, (probs, boxes,
+                                      ori_shape.astype(jnp.int32)))
+  return dict(rle_index=idx, rle_value=val, rle_count=count)
+
+
 def outputs_to_records(outputs: dict[str, Any],
                        metas: Sequence[dict[str, Any]],
-                       mask_thr: float = 0.5) -> list[dict[str, Any]]:
+                       mask_thr: float = 0.5,
+                       timings: dict[str, float] | None = None
+                       ) -> list[dict[str, Any]]:
   """Converts a batch of detector outputs into per-image records.
 
   Args:
-    outputs: the detector's output dict (numpy or jax arrays), batch-major.
+    outputs: the detector's output dict (numpy or jax arrays), batch-major,
+      optionally with ``paste_on_device``'s keys and the ``canvas_hw`` they
+      were computed on. An image's masks come from those keys when present
+      and complete, else from ``mask_logits`` pasted on the host.
     metas: one dict per batch entry with ``image_id``, ``file_name`` and
       ``ori_shape`` (h, w); entries past ``len(metas)`` (batch padding) are
       dropped.
     mask_thr: binarisation threshold of the pasted probabilities (>=).
+    timings: if given, CPU seconds of this thread are added under
+      ``'paste'`` (host pasting) and ``'rle'`` (RLE strings).
 
   Returns:
     One record per meta (see the module docstring).
+
+  Raises:
+    KeyError: an image needs host pasting and ``mask_logits`` is absent.
   """
   out = {k: np.asarray(outputs[k]) for k in (
-      'boxes', 'scores', 'labels', 'valid', 'mask_logits', 'mask_iou',
-      'mask_scores')}
+      'boxes', 'scores', 'labels', 'valid', 'mask_iou', 'mask_scores')}
   paste = np.asarray(outputs.get('paste_boxes', out['boxes']))
+  on_device = all(k in outputs for k in DEVICE_MASK_KEYS)
+  timings = {} if timings is None else timings
   records = []
   for b, meta in enumerate(metas):
     keep = np.nonzero(out['valid'][b])[0]
     h, w = (int(v) for v in meta['ori_shape'][:2])
-    boxes = out['boxes'][b, keep].astype(np.float32)
-    probs = sigmoid(out['mask_logits'][b, keep])
-    bitmaps = paste_masks(probs, paste[b, keep].astype(np.float32), (h, w),
-                          threshold=mask_thr)
+    t = time.thread_time()
+    if on_device and outputs['rle_count'][b] <= outputs['rle_index'].shape[1]:
+      n = int(outputs['rle_count'][b])
+      rles = rles_from_transitions(
+          outputs['rle_index'][b, :n], outputs['rle_value'][b, :n],
+          tuple(outputs['canvas_hw'])[::-1], (h, w),
+          int(keep[-1]) + 1 if len(keep) else 0)
+      masks = [rles[i] for i in keep]
+      timings['rle'] = timings.get('rle', 0.) + time.thread_time() - t
+    else:
+      probs = sigmoid(np.asarray(outputs['mask_logits'][b])[keep])
+      bitmaps = paste_masks(probs, paste[b, keep].astype(np.float32), (h, w),
+                            threshold=mask_thr)
+      t1 = time.thread_time()
+      masks = [encode_rle(np.asarray(m, bool)) for m in bitmaps]
+      timings['paste'] = timings.get('paste', 0.) + t1 - t
+      timings['rle'] = timings.get('rle', 0.) + time.thread_time() - t1
     records.append(dict(
         image_id=meta.get('image_id', b),
         file_name=meta.get('file_name', ''),
         ori_shape=(h, w),
-        boxes=boxes,
+        boxes=out['boxes'][b, keep].astype(np.float32),
         scores=out['scores'][b, keep].astype(np.float32),
         labels=out['labels'][b, keep].astype(np.int64),
         mask_iou=out['mask_iou'][b, keep].astype(np.float32),
         mask_scores=out['mask_scores'][b, keep].astype(np.float32),
-        masks=[encode_rle(np.asarray(m, bool)) for m in bitmaps],
+        masks=masks,
     ))
   return records
+
+
+def host_records(outputs: dict[str, Any], metas: Sequence[dict[str, Any]],
+                 mask_thr: float = 0.5
+                 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
+  """``outputs_to_records`` plus its CPU timings (a worker-process job).
+
+  Returns:
+    (records, CPU seconds: ``paste``, ``rle`` and ``postprocess``, the
+    whole call).
+  """
+  timings: dict[str, float] = {}
+  t = time.thread_time()
+  records = outputs_to_records(outputs, metas, mask_thr, timings)
+  timings['postprocess'] = time.thread_time() - t
+  return records, timings
 
 
 def records_to_prediction_json(records: Sequence[dict[str, Any]],

@@ -1,0 +1,170 @@
+"""Masks pasted on the device and RLE from run boundaries (issue 11).
+
+References: mmdetection 2.28.2's results.json (its ``_do_paste_mask`` +
+``encode_mask_results``), torch ``grid_sample`` (what ``_do_paste_mask``
+calls) and pycocotools ``encode``.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import SET_IMAGES, SETS, load_npz, load_results
+from msrcnn_jax import postprocess
+from msrcnn_jax.ops import masks as masks_lib
+
+
+def _mmdet_boxes(d):
+  """get_seg_masks' boxes: (det * scale_factor) / scale_factor, float32."""
+  sf = d['scale_factor'].astype(np.float32)
+  return (d['det_bboxes'][:, :4].astype(np.float32) * sf) / sf
+
+
+def _device_outputs(logits, boxes, labels):
+  k = len(logits)
+  return dict(boxes=boxes[None], paste_boxes=boxes[None],
+              scores=np.linspace(1, .1, k, dtype=np.float32)[None],
+              labels=np.asarray(labels, np.int32)[None],
+              valid=np.ones((1, k), bool),
+              mask_logits=np.asarray(logits, np.float32)[None],
+              mask_iou=np.ones((1, k), np.float32),
+              mask_scores=np.ones((1, k), np.float32))
+
+
+def _records(outputs, hw, on_device, canvas=None):
+  host = {k: np.asarray(v) for k, v in outputs.items()}
+  if on_device:
+    canvas = canvas or postprocess.canvas_size([hw])
+    dev = jax.jit(postprocess.paste_on_device,
+                  static_argnames=('canvas_hw', 'mask_thr'))(
+                      {k: jnp.asarray(v) for k, v in outputs.items()},
+                      jnp.asarray([hw], jnp.int32), canvas_hw=canvas)
+    host.update(jax.device_get(dev), canvas_hw=np.asarray(canvas))
+    del host['mask_logits']
+  return postprocess.outputs_to_records(
+      host, [dict(image_id=0, file_name='x', ori_shape=hw)])[0]
+
+
+@pytest.mark.parametrize('set_name,image',
+                         [(s, i) for s in SETS for i in SET_IMAGES[s]])
+def test_device_paste_reproduces_mmdetection(set_name, image):
+  """Logits -> RLE on the device path gives mmdetection's RLE strings."""
+  d = load_npz(set_name, image)
+  hw = tuple(int(v) for v in d['ori_shape'][:2])
+  # One canvas for every fixture image (one compilation).
+  rec = _records(_device_outputs(d['mask_pred'], _mmdet_boxes(d),
+                                 d['det_labels']), hw, on_device=True,
+                 canvas=(512, 768))
+  ref = [e for e in load_results(set_name)
+         if e['image'].startswith(image + '.')]
+  det = d['det_bboxes'][:, :4].astype(np.float64)
+  xywh = np.concatenate([det[:, :2], det[:, 2:] - det[:, :2]], 1)
+  assert len(rec['masks']) == len(ref) == 100
+  for mask, box, label in zip(rec['masks'], xywh, d['det_labels']):
+    hits = [e for e in ref if e['label'] == int(label)
+            and np.allclose(e['bbox'], box, atol=1e-3)]
+    assert mask in [e['segmentation'] for e in hits]
+
+
+def _torch_paste(mask, box, h0, w0):
+  """mmdetection's _do_paste_mask(skip_empty=True) for one mask, full size."""
+  x0, y0, x1, y1 = (torch.tensor([[float(v)]]) for v in box)
+  xl = max(int(np.floor(box[0])) - 1, 0)
+  yl = max(int(np.floor(box[1])) - 1, 0)
+  xh = min(int(np.ceil(box[2])) + 1, w0)
+  yh = min(int(np.ceil(box[3])) + 1, h0)
+  out = np.zeros((h0, w0), bool)
+  if xh <= xl or yh <= yl:
+    return out
+  img_y = torch.arange(yl, yh).to(torch.float32) + 0.5
+  img_x = torch.arange(xl, xh).to(torch.float32) + 0.5
+  img_y = (img_y - y0) / (y1 - y0) * 2 - 1
+  img_x = (img_x - x0) / (x1 - x0) * 2 - 1
+  img_x[torch.isinf(img_x)] = 0
+  img_y[torch.isinf(img_y)] = 0
+  gx = img_x[:, None, :].expand(1, img_y.size(1), img_x.size(1))
+  gy = img_y[:, :, None].expand(1, img_y.size(1), img_x.size(1))
+  grid = torch.stack([gx, gy], dim=3)
+  val = F.grid_sample(torch.from_numpy(mask[None, None]), grid,
+                      align_corners=False)[0, 0].numpy()
+  out[yl:yh, xl:xh] = val >= 0.5
+  return out
+
+
+def test_paste_jnp_matches_torch_on_a_larger_canvas():
+  """Pixel-exact with grid_sample, boxes inside, across and outside the
+  image, tiny and zero-size; nothing set beyond the image."""
+  rng = np.random.default_rng(1)
+  h0, w0, k = 100, 120, 40
+  probs = rng.uniform(size=(k, 28, 28)).astype(np.float32)
+  ctr = rng.uniform(-20, 130, (k, 2))
+  wh = np.exp(rng.uniform(np.log(.3), np.log(150), (k, 2)))
+  boxes = np.concatenate([ctr - wh / 2, ctr + wh / 2], 1).astype(np.float32)
+  boxes[0] = [10, 10, 10, 30]                 # zero width
+  boxes[1] = [50.2, 60.7, 51.1, 61.3]         # sub-pixel
+  boxes[2] = [-5, -5, 200, 200]               # covers the image
+  got = np.asarray(jax.jit(masks_lib.paste_masks_jnp, static_argnums=2)(
+      jnp.asarray(probs), jnp.asarray(boxes), (128, 192), 0.5,
+      jnp.asarray([h0, w0])))
+  assert not got[:, h0:].any() and not got[:, :, w0:].any()
+  for i in range(k):
+    np.testing.assert_array_equal(got[i, :h0, :w0],
+                                  _torch_paste(probs[i], boxes[i], h0, w0))
+  assert got.sum() > 5000
+
+
+def test_rle_from_transitions_equals_pycocotools():
+  """Runs across column ends, first/last pixels, full and empty masks."""
+  rng = np.random.default_rng(2)
+  h0, w0, hc, wc = 13, 11, 24, 16
+  masks = rng.uniform(size=(8, h0, w0)) < .5
+  masks[0] = False
+  masks[1] = True
+  masks[2] = False
+  masks[2, -1, 3] = masks[2, 0, 4] = True       # a run across a column end
+  masks[3] = False
+  masks[3, 0, 0] = masks[3, -1, -1] = True
+  masks[4] = False
+  masks[4, :, 5:7] = True                       # full columns
+  canvas = np.zeros((8, hc, wc), bool)
+  canvas[:, :h0, :w0] = masks
+  hw = jnp.asarray([h0, w0])
+  packed = masks_lib.rle_transitions_jnp(jnp.asarray(canvas), hw)
+  idx, val, count = (np.asarray(a) for a in
+                     masks_lib.compact_bytes(packed, 8 * wc * hc // 8))
+  assert count < len(idx) and not val[count:].any()
+  got = masks_lib.rles_from_transitions(idx[:count], val[:count], (wc, hc),
+                                        (h0, w0), len(masks))
+  for g, m in zip(got, masks):
+    ref = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
+    assert g == {'size': [h0, w0], 'counts': ref['counts'].decode()}
+  # A short capacity reports the true count.
+  _, _, count4 = masks_lib.compact_bytes(packed, 4)
+  assert int(count4) == count
+
+
+def test_overflowing_image_is_pasted_on_the_host():
+  """rle_count > capacity: the record falls back to the logits."""
+  rng = np.random.default_rng(3)
+  logits = rng.normal(0, 3, (5, 28, 28)).astype(np.float32)
+  boxes = np.array([[2, 3, 40, 30], [0, 0, 64, 48], [10, 5, 12, 9],
+                    [30, 20, 63, 47], [5, 25, 20, 47]], np.float32)
+  outputs = _device_outputs(logits, boxes, [0, 1, 2, 3, 4])
+  hw = (48, 64)
+  host = _records(outputs, hw, on_device=False)
+  canvas = postprocess.canvas_size([hw])
+  dev = jax.device_get(jax.jit(postprocess.paste_on_device,
+                               static_argnames=('canvas_hw', 'mask_thr'))(
+      outputs, jnp.asarray([hw], jnp.int32), canvas_hw=canvas))
+  both = dict(outputs, **dev, canvas_hw=np.asarray(canvas))
+  assert postprocess.outputs_to_records(both, [dict(ori_shape=hw)])[0][
+      'masks'] == host['masks']
+  both['rle_count'] = np.array([both['rle_index'].shape[1] + 1])
+  both['rle_index'] = both['rle_index'] * 0   # garbage: must not be read
+  assert postprocess.outputs_to_records(both, [dict(ori_shape=hw)])[0][
+      'masks'] == host['masks']
+  assert sum(mask_util.area(host['masks'])) > 500
