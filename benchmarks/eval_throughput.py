@@ -1,7 +1,8 @@
 r"""Evaluation throughput: images/s of ``evaluate_model`` end to end.
 
   python benchmarks/eval_throughput.py [--images 200] [--detections 100]
-      [--batch-size 2] [--repeats 3] [--paste host|device]
+      [--batch-size 2] [--repeats 3] [--paste device|host]
+      [--postprocess-workers -1]
 
 Writes a COCO-format directory of ``--images`` JPEGs with COCO-like sizes
 (640x480, 640x427, 480x640, 500x375, 640x640, 427x640, 612x612, 640x360)
@@ -39,9 +40,11 @@ import cv2
 import jax
 import numpy as np
 
+from msrcnn_jax import inference
 from msrcnn_jax import postprocess
 from msrcnn_jax.config import ms_rcnn_config
 from msrcnn_jax.data import coco as coco_lib
+from msrcnn_jax.data import pipeline
 from msrcnn_jax.evaluation import coco_evaluator
 from msrcnn_jax.evaluation import run as eval_run
 from msrcnn_jax.inference import Predictor
@@ -143,28 +146,6 @@ def synthetic_outputs(batch, gt_by_image, num_dets: int, k: int,
   return out
 
 
-class Timer:
-  """Accumulates wall and thread-CPU seconds per stage name."""
-
-  def __init__(self):
-    self.wall, self.cpu = {}, {}
-
-  @contextlib.contextmanager
-  def __call__(self, name):
-    t, c = time.perf_counter(), time.thread_time()
-    try:
-      yield
-    finally:
-      self.wall[name] = self.wall.get(name, 0.) + time.perf_counter() - t
-      self.cpu[name] = self.cpu.get(name, 0.) + time.thread_time() - c
-
-  def wrap(self, name, fn):
-    def timed(*args, **kwargs):
-      with self(name):
-        return fn(*args, **kwargs)
-    return timed
-
-
 def run_once(args, root, gt_by_image, cat2label):
   cfg = ms_rcnn_config()
   cfg.data.source = 'coco'
@@ -172,8 +153,10 @@ def run_once(args, root, gt_by_image, cat2label):
   cfg.data.val_split = 'val'
   cfg.data.num_workers = args.workers
   cfg.test.batch_size = args.batch_size
-  timer = Timer()
+  cfg.test.mask_paste = args.paste
+  cfg.test.postprocess_workers = args.postprocess_workers
   k = cfg.test.rcnn.max_per_img
+  stub = {'s': 0.}
 
   class StubPredictor(Predictor):
     """The real Predictor with the detector replaced by synthetic outputs."""
@@ -181,39 +164,64 @@ def run_once(args, root, gt_by_image, cat2label):
     def __init__(self):  # pylint: disable=super-init-not-called
       self.config = cfg
       self.variables = {}
+      self.paste_on_device = inference.masks_on_device(args.paste)
+      self.postprocess_workers = (
+          inference.default_postprocess_workers()
+          if cfg.test.postprocess_workers < 0 else
+          cfg.test.postprocess_workers)
+      self.timings = {}
+      self._pool = None
+      self._paste = jax.jit(postprocess.paste_on_device,
+                            static_argnames=('canvas_hw', 'mask_thr'))
+      self._encode = jax.jit(postprocess.encode_on_device)
 
-    def predict_batch(self, batch):
-      with timer('device'):
-        out = synthetic_outputs(batch, gt_by_image, args.detections, k,
-                                cat2label)
-        return jax.device_get(jax.device_put(out))
+    def detect(self, batch):
+      t = time.perf_counter()
+      out = synthetic_outputs(batch, gt_by_image, args.detections, k,
+                              cat2label)
+      stub['s'] += time.perf_counter() - t
+      return jax.device_put(out)
 
-  saved = (postprocess.paste_masks, postprocess.encode_rle,
-           coco_evaluator.CocoEvaluator.evaluate,
-           coco_evaluator.CocoEvaluator.mask_scoring_report,
-           postprocess.outputs_to_records)
-  postprocess.outputs_to_records = timer.wrap('postprocess', saved[4])
-  postprocess.paste_masks = timer.wrap('paste', saved[0])
-  postprocess.encode_rle = timer.wrap('rle', saved[1])
-  coco_evaluator.CocoEvaluator.evaluate = timer.wrap('cocoeval', saved[2])
-  coco_evaluator.CocoEvaluator.mask_scoring_report = timer.wrap(
-      'cocoeval', saved[3])
+  cocoeval = {'wall': 0., 'cpu': 0.}
+  saved = (coco_evaluator.CocoEvaluator.evaluate,
+           coco_evaluator.CocoEvaluator.mask_scoring_report)
+
+  def timed(fn):
+    def wrapper(*a, **kw):
+      t, c = time.perf_counter(), time.thread_time()
+      try:
+        return fn(*a, **kw)
+      finally:
+        cocoeval['wall'] += time.perf_counter() - t
+        cocoeval['cpu'] += time.thread_time() - c
+    return wrapper
+  coco_evaluator.CocoEvaluator.evaluate = timed(saved[0])
+  coco_evaluator.CocoEvaluator.mask_scoring_report = timed(saved[1])
   source = coco_lib.CocoSource(root, 'val', train=False)
+  predictor = StubPredictor()
   try:
+    # Compiles the paste programs and starts the workers outside the timing.
+    with contextlib.redirect_stdout(open(os.devnull, 'w')):
+      list(predictor.predict_batches(pipeline.make_eval_iterator(
+          cfg, source, process_index=0, process_count=1)))
+    predictor.timings, stub['s'] = {}, 0.
     with tempfile.TemporaryDirectory() as out_dir:
-      t0, c0 = time.perf_counter(), time.process_time()
+      t0 = time.perf_counter()
       with contextlib.redirect_stdout(open(os.devnull, 'w')):
         metrics, _ = eval_run.evaluate_model(
             cfg, {}, out_dir, source=source, progress=False,
-            predictor=StubPredictor())
-      wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            predictor=predictor)
+      wall = time.perf_counter() - t0
   finally:
-    (postprocess.paste_masks, postprocess.encode_rle,
-     coco_evaluator.CocoEvaluator.evaluate,
-     coco_evaluator.CocoEvaluator.mask_scoring_report,
-     postprocess.outputs_to_records) = saved
-  return dict(wall=wall, cpu=cpu, stage_wall=timer.wall,
-              stage_cpu=timer.cpu, segm=metrics['segm_mAP'],
+    (coco_evaluator.CocoEvaluator.evaluate,
+     coco_evaluator.CocoEvaluator.mask_scoring_report) = saved
+    predictor.close()
+  t = predictor.timings
+  return dict(wall=wall - stub['s'], stub=stub['s'],
+              device=t.get('device', 0.), paste=t.get('paste', 0.),
+              rle=t.get('rle', 0.), postprocess=t.get('postprocess', 0.),
+              host_wait=t.get('host_wait', 0.), cocoeval=cocoeval['wall'],
+              cocoeval_cpu=cocoeval['cpu'], segm=metrics['segm_mAP'],
               bbox=metrics['bbox_mAP'])
 
 
@@ -225,6 +233,11 @@ def main():
   ap.add_argument('--workers', type=int, default=2,
                   help='input pipeline threads (cfg.data.num_workers)')
   ap.add_argument('--repeats', type=int, default=3)
+  ap.add_argument('--paste', choices=('device', 'host'), default='device',
+                  help='cfg.test.mask_paste (with --postprocess-workers 0, '
+                  'host is the code before issue 11 but for the RLE)')
+  ap.add_argument('--postprocess-workers', type=int, default=-1,
+                  help='cfg.test.postprocess_workers (-1: CPU cores - 1)')
   args = ap.parse_args()
   cores = len(os.sched_getaffinity(0))
   with tempfile.TemporaryDirectory() as root:
@@ -238,25 +251,32 @@ def main():
         sorted(ds['categories'], key=lambda c: c['id']))}
     print(f'backend {jax.default_backend()}, {cores} CPU cores (load '
           f'{os.getloadavg()[0]:.1f}), {args.images} images, '
-          f'{args.detections} detections each, batch {args.batch_size}')
+          f'{args.detections} detections each, batch {args.batch_size}, '
+          f'paste on {args.paste}, postprocess_workers '
+          f'{args.postprocess_workers}')
     runs = [run_once(args, root, gt_by_image, cat2label)
             for _ in range(args.repeats)]
   n = args.images
   for i, r in enumerate(runs):
-    print(f'run {i}: {n / r["wall"]:6.2f} images/s wall, '
-          f'stages (wall s) ' + ', '.join(
-              f'{k} {v:.2f}' for k, v in sorted(r['stage_wall'].items())) +
+    print(f'run {i}: {n / r["wall"]:6.2f} images/s wall | ' + ', '.join(
+        f'{k} {r[k]:.2f} s' for k in ('device', 'paste', 'rle',
+                                      'postprocess', 'host_wait',
+                                      'cocoeval')) +
           f' | bbox_mAP {r["bbox"]} segm_mAP {r["segm"]}')
   best = min(runs, key=lambda r: r['wall'])
-  stages = ('device', 'postprocess', 'paste', 'rle', 'cocoeval')
   print(f'best of {len(runs)}: {n / best["wall"]:.2f} images/s end to end '
-        f'({best["wall"]:.1f} s wall, {best["cpu"]:.1f} CPU s)')
-  for s in stages:
-    wall = min(r['stage_wall'].get(s, 0.) for r in runs)
-    cpu = min(r['stage_cpu'].get(s, 0.) for r in runs)
-    print(f'  {s:9s} {wall * 1e3 / n:7.2f} ms/image wall, '
-          f'{cpu * 1e3 / n:7.2f} ms/image CPU')
-  host = min(r['stage_cpu']['postprocess'] for r in runs)
+        f'({best["wall"]:.1f} s wall without the stand-in detector\'s '
+        f'{best["stub"]:.1f} s)')
+  for key, what in (('device', 'wall, waiting for the device (paste '
+                     'program + copy)'),
+                    ('paste', 'CPU, host pasting'),
+                    ('rle', 'CPU, RLE strings'),
+                    ('host_wait', 'wall, main thread waiting for workers'),
+                    ('cocoeval', 'wall, pycocotools bbox + segm + report'),
+                    ('cocoeval_cpu', 'CPU, of which in this thread')):
+    print(f'  {key:12s} {min(r[key] for r in runs) * 1e3 / n:8.2f} ms/image '
+          f'({what})')
+  host = min(r['postprocess'] for r in runs)
   print(f'host post-processing cost: {host * 1e3 / n:.2f} ms per image per '
         f'core (CPU time of outputs_to_records: paste + RLE + records, '
         f'min over runs)')

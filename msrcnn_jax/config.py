@@ -113,10 +113,12 @@ def ms_rcnn_config(*,
                      # score_thr), taken by score; spec §2.4.
                      max_candidates=8000)
   c.test.batch_size = 1
-  # Paste masks on the device (postprocess.paste_on_device; same pixels as
-  # the host paste) and make records in this many worker processes
-  # (-1: CPU cores - 1, at most 8; 0: in the calling thread).
-  c.test.paste_on_device = True
+  # Where masks are pasted: 'device' (postprocess.paste_on_device, same
+  # pixels as the host), 'host', or 'auto' (device unless the backend is
+  # the CPU, where the host's box-region paste is cheaper). Records are made
+  # in this many worker processes (-1: CPU cores - 1, at most 8; 0: in the
+  # calling thread).
+  c.test.mask_paste = 'auto'
   c.test.postprocess_workers = -1
 
   # ------------------------------------------------------------- training

@@ -4,11 +4,11 @@
 turns its fixed-size outputs into host records (``postprocess``): boxes in
 original pixels, box scores, labels, MaskIoU, mask scores and RLE masks.
 
-Masks are pasted on the device by default (``postprocess.paste_on_device``,
-a second jitted program per (batch, bucket, canvas) run on the detector's
-outputs where they are), and the host work left (RLE strings, records)
-runs in a pool of worker processes while the device computes the next
-batch.
+On accelerators masks are pasted on the device (``postprocess.
+paste_on_device`` and ``encode_on_device``, jitted programs per (batch,
+canvas) run on the detector's outputs where they are); the host work left
+(RLE strings, records) runs in a pool of worker processes while the device
+computes the next batch.
 """
 
 from __future__ import annotations
@@ -44,12 +44,26 @@ def default_postprocess_workers() -> int:
   return int(min(max(cores - 1, 0), 8))
 
 
+def masks_on_device(mask_paste: str) -> bool:
+  """``cfg.test.mask_paste`` ('auto' | 'device' | 'host') -> on the device?
+
+  Raises:
+    ValueError: another value.
+  """
+  if mask_paste not in ('auto', 'device', 'host'):
+    raise ValueError(f'test.mask_paste must be auto, device or host, not '
+                     f'{mask_paste!r}')
+  if mask_paste == 'auto':
+    return jax.default_backend() != 'cpu'
+  return mask_paste == 'device'
+
+
 class Predictor:
   """A jitted detector: one compiled program per (batch, bucket) shape.
 
   Args:
     config: the model config (``model``, ``test`` and ``data`` are read;
-      ``test.paste_on_device`` and ``test.postprocess_workers`` choose where
+      ``test.mask_paste`` and ``test.postprocess_workers`` choose where
       masks are pasted and how many worker processes make the records,
       -1 = ``default_postprocess_workers()``, 0 = in the calling thread).
     variables: ``{'params': ..., 'batch_stats': ...}``.
@@ -66,7 +80,8 @@ class Predictor:
     self.config = config
     self.model = MaskScoringRCNN(config)
     self.variables = variables
-    self.paste_on_device = bool(config.test.get('paste_on_device', True))
+    self.paste_on_device = masks_on_device(config.test.get('mask_paste',
+                                                           'auto'))
     workers = int(config.test.get('postprocess_workers', -1))
     self.postprocess_workers = (default_postprocess_workers() if workers < 0
                                 else workers)
@@ -79,6 +94,7 @@ class Predictor:
     self._forward = jax.jit(forward)
     self._paste = jax.jit(postprocess.paste_on_device,
                           static_argnames=('canvas_hw', 'mask_thr'))
+    self._encode = jax.jit(postprocess.encode_on_device)
 
   def detect(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """The detector's outputs for a padded batch, as device arrays (async)."""
@@ -90,10 +106,11 @@ class Predictor:
     canvas = (postprocess.canvas_size(batch['ori_shape'])
               if self.paste_on_device else None)
     if canvas is not None:
-      out.update(self._paste(out, np.asarray(batch['ori_shape'], np.int32),
-                             canvas_hw=canvas,
-                             mask_thr=float(self.config.test.rcnn
-                                            .mask_thr_binary)))
+      ori_shape = np.asarray(batch['ori_shape'], np.int32)
+      masks = self._paste(out, ori_shape, canvas_hw=canvas,
+                          mask_thr=float(self.config.test.rcnn
+                                         .mask_thr_binary))
+      out.update(self._encode(masks, ori_shape))
     return out, canvas
 
   def _fetch(self, out: dict, canvas) -> dict[str, np.ndarray]:

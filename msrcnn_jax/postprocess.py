@@ -5,8 +5,9 @@ this module keeps the valid rows of each image, pastes the 28x28 masks onto
 the original-size canvas exactly as mmdetection's ``_do_paste_mask`` (spec
 §2.7, threshold >= 0.5) and RLE-encodes them. Two ways, same RLE strings:
 
-- on the device (``paste_on_device``, a jitted step after the detector that
-  leaves the detector's outputs as they are): masks pasted on a static
+- on the device (``paste_on_device`` then ``encode_on_device``, jitted
+  steps after the detector that leave its outputs as they are): masks
+  pasted on a static
   canvas (the batch's largest original size rounded up to
   ``CANVAS_MULTIPLE``), turned into bit-packed run boundaries and
   compacted to their nonzero bytes, a fixed ``(capacity,)`` list per image
@@ -15,8 +16,9 @@ the original-size canvas exactly as mmdetection's ``_do_paste_mask`` (spec
   logits it replaces). The host only turns run boundaries into RLE strings
   (``ops.masks.rles_from_transitions``). An image with more nonzero bytes
   than the capacity is pasted on the host instead.
-- on the host (``paste_masks``), from the logits: used when the outputs
-  carry no device-pasted masks.
+- on the host (``paste_masks``' box regions, RLE from the region's columns
+  only), from the logits: used when the outputs carry no device-pasted
+  masks.
 
 A record (one image) is a dict:
   ``image_id`` int, ``file_name`` str, ``ori_shape`` (h, w),
@@ -38,10 +40,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from msrcnn_jax.ops.masks import compact_bytes
-from msrcnn_jax.ops.masks import encode_rle
-from msrcnn_jax.ops.masks import paste_masks
+from msrcnn_jax.ops.masks import paste_mask_region
 from msrcnn_jax.ops.masks import paste_masks_jnp
+from msrcnn_jax.ops.masks import region_boundaries
 from msrcnn_jax.ops.masks import rle_transitions_jnp
+from msrcnn_jax.ops.masks import rles_from_boundaries
 from msrcnn_jax.ops.masks import rles_from_transitions
 
 # Device canvases are the batch's largest original (h, w) rounded up to this
@@ -74,8 +77,8 @@ def canvas_size(ori_shapes) -> tuple[int, int] | None:
 
 def paste_on_device(outputs: dict[str, Any], ori_shape: jnp.ndarray,
                     canvas_hw: tuple[int, int], mask_thr: float = 0.5
-                    ) -> dict[str, jnp.ndarray]:
-  """Jit-able: the detector's masks pasted and run-length coded on device.
+                    ) -> jnp.ndarray:
+  """Jit-able: the detector's masks pasted on a static canvas.
 
   Args:
     outputs: the detector's output dict (``mask_logits (B, K, m, m)``,
@@ -85,28 +88,43 @@ def paste_on_device(outputs: dict[str, Any], ori_shape: jnp.ndarray,
     mask_thr: binarisation threshold (>=).
 
   Returns:
-    ``rle_index (B, C) int32``, ``rle_value (B, C) uint8``, ``rle_count (B,)
-    int32`` with ``C = K * W``: per image the nonzero bytes of
-    ``rle_transitions_jnp`` of its pasted masks (``compact_bytes``); a
-    count above C means the list is cut short (paste that image on the
-    host). Invalid detections have empty masks.
+    ``(B, K, H, W)`` bool, mmdetection's pasted masks (``paste_masks_jnp``)
+    in the top-left ``ori_shape`` of the canvas; invalid detections empty.
+    Run ``encode_on_device`` on it as a separate program (fused into one,
+    XLA:CPU recomputes the paste for each consumer: 10x slower).
   """
   logits = outputs['mask_logits'].astype(jnp.float32)
-  probs = jnp.where(logits >= 0, 1 / (1 + jnp.exp(-jnp.abs(logits))),
-                    jnp.exp(-jnp.abs(logits)) / (1 + jnp.exp(-jnp.abs(logits))))
+  e = jnp.exp(-jnp.abs(logits))
+  probs = jnp.where(logits >= 0, 1 / (1 + e), e / (1 + e))
   probs = probs * outputs['valid'][..., None, None]
+  # Materialised: fused into the paste's gathers, the sigmoid would be
+  # recomputed per canvas pixel.
+  probs = jax.lax.optimization_barrier(probs)
   boxes = outputs.get('paste_boxes', outputs['boxes']).astype(jnp.float32)
-  k = probs.shape[1]
-  capacity = k * int(canvas_hw[1])
+  return jax.vmap(
+      lambda p, b, hw: paste_masks_jnp(p, b, canvas_hw, mask_thr, valid_hw=hw)
+  )(probs, boxes, ori_shape.astype(jnp.int32))
 
-  def one(args):
-    p, b, hw = args
-    masks = paste_masks_jnp(p, b, canvas_hw, mask_thr, valid_hw=hw)
-    return compact_bytes(rle_transitions_jnp(masks, hw), capacity)
 
-  # Sequential over images: K x H x W floats live at a time.
-  idx, val, count = jax.lax.map(one, (probs, boxes,
-                                      ori_shape.astype(jnp.int32)))
+def encode_on_device(masks: jnp.ndarray, ori_shape: jnp.ndarray
+                     ) -> dict[str, jnp.ndarray]:
+  """Jit-able: pasted masks -> a fixed-size list of packed run boundaries.
+
+  Args:
+    masks: ``(B, K, H, W)`` bool from ``paste_on_device``.
+    ori_shape: ``(B, 2)`` int32 original (h, w).
+
+  Returns:
+    ``rle_index (B, C) int32``, ``rle_value (B, C) uint8``, ``rle_count (B,)
+    int32`` with ``C = K * W``: per image the nonzero bytes of
+    ``rle_transitions_jnp`` (``compact_bytes``); a count above C means the
+    list is cut short (that image is pasted on the host).
+  """
+  capacity = masks.shape[1] * masks.shape[3]
+  ori_shape = ori_shape.astype(jnp.int32)
+  per_image = [compact_bytes(rle_transitions_jnp(masks[b], ori_shape[b]),
+                             capacity) for b in range(masks.shape[0])]
+  idx, val, count = (jnp.stack(v) for v in zip(*per_image))
   return dict(rle_index=idx, rle_value=val, rle_count=count)
 
 
@@ -154,11 +172,14 @@ def outputs_to_records(outputs: dict[str, Any],
       masks = [rles[i] for i in keep]
       timings['rle'] = timings.get('rle', 0.) + time.thread_time() - t
     else:
+      # paste_masks, kept to each box's region: the RLE only reads that.
       probs = sigmoid(np.asarray(outputs['mask_logits'][b])[keep])
-      bitmaps = paste_masks(probs, paste[b, keep].astype(np.float32), (h, w),
-                            threshold=mask_thr)
+      regions = [paste_mask_region(p, box, (h, w)) for p, box in
+                 zip(probs, paste[b, keep].astype(np.float32))]
       t1 = time.thread_time()
-      masks = [encode_rle(np.asarray(m, bool)) for m in bitmaps]
+      masks = rles_from_boundaries(
+          [region_boundaries(v >= mask_thr, (r[0], r[2]), (h, w))
+           for v, r in regions], (h, w))
       timings['paste'] = timings.get('paste', 0.) + t1 - t
       timings['rle'] = timings.get('rle', 0.) + time.thread_time() - t1
     records.append(dict(

@@ -35,15 +35,25 @@ def _device_outputs(logits, boxes, labels):
               mask_scores=np.ones((1, k), np.float32))
 
 
+_PASTE = jax.jit(postprocess.paste_on_device,
+                 static_argnames=('canvas_hw', 'mask_thr'))
+_ENCODE = jax.jit(postprocess.encode_on_device)
+
+
+def _on_device(outputs, hw, canvas):
+  """paste_on_device + encode_on_device of one image, as the Predictor."""
+  ori = jnp.asarray([hw], jnp.int32)
+  masks = _PASTE({k: jnp.asarray(v) for k, v in outputs.items()}, ori,
+                 canvas_hw=canvas)
+  return dict(jax.device_get(_ENCODE(masks, ori)),
+              canvas_hw=np.asarray(canvas))
+
+
 def _records(outputs, hw, on_device, canvas=None):
   host = {k: np.asarray(v) for k, v in outputs.items()}
   if on_device:
     canvas = canvas or postprocess.canvas_size([hw])
-    dev = jax.jit(postprocess.paste_on_device,
-                  static_argnames=('canvas_hw', 'mask_thr'))(
-                      {k: jnp.asarray(v) for k, v in outputs.items()},
-                      jnp.asarray([hw], jnp.int32), canvas_hw=canvas)
-    host.update(jax.device_get(dev), canvas_hw=np.asarray(canvas))
+    host.update(_on_device(outputs, hw, canvas))
     del host['mask_logits']
   return postprocess.outputs_to_records(
       host, [dict(image_id=0, file_name='x', ori_shape=hw)])[0]
@@ -156,11 +166,8 @@ def test_overflowing_image_is_pasted_on_the_host():
   outputs = _device_outputs(logits, boxes, [0, 1, 2, 3, 4])
   hw = (48, 64)
   host = _records(outputs, hw, on_device=False)
-  canvas = postprocess.canvas_size([hw])
-  dev = jax.device_get(jax.jit(postprocess.paste_on_device,
-                               static_argnames=('canvas_hw', 'mask_thr'))(
-      outputs, jnp.asarray([hw], jnp.int32), canvas_hw=canvas))
-  both = dict(outputs, **dev, canvas_hw=np.asarray(canvas))
+  both = dict(outputs, **_on_device(outputs, hw, postprocess.canvas_size(
+      [hw])))
   assert postprocess.outputs_to_records(both, [dict(ori_shape=hw)])[0][
       'masks'] == host['masks']
   both['rle_count'] = np.array([both['rle_index'].shape[1] + 1])
@@ -168,3 +175,23 @@ def test_overflowing_image_is_pasted_on_the_host():
   assert postprocess.outputs_to_records(both, [dict(ori_shape=hw)])[0][
       'masks'] == host['masks']
   assert sum(mask_util.area(host['masks'])) > 500
+
+
+def test_region_rle_equals_pycocotools():
+  """Host path: RLE from a box region's columns, regions at every edge."""
+  rng = np.random.default_rng(4)
+  h0, w0 = 17, 23
+  cases = [((0, 0), (17, 23)), ((0, 0), (5, 4)), ((12, 19), (5, 4)),
+           ((3, 20), (14, 3)), ((0, 7), (17, 1)), ((4, 5), (0, 0))]
+  bounds = []
+  masks = []
+  for (y0, x0), (h, w) in cases:
+    region = rng.uniform(size=(h, w)) < .6
+    if h and w:
+      region[0, 0] = region[-1, -1] = True
+    full = np.zeros((h0, w0), bool)
+    full[y0:y0 + h, x0:x0 + w] = region
+    masks.append(full)
+    bounds.append(masks_lib.region_boundaries(region, (y0, x0), (h0, w0)))
+  got = masks_lib.rles_from_boundaries(bounds, (h0, w0))
+  assert got == [masks_lib.encode_rle(m) for m in masks]
