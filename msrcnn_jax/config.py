@@ -169,6 +169,9 @@ def ms_rcnn_config(*,
   d.flip_ratio = 0.5
   # Padded (height, width) shape buckets; each a multiple of size_divisor.
   d.buckets = ((800, 1344), (1344, 800), (800, 800))
+  # > 0: evaluate in this many buckets chosen from the split's image sizes
+  # (data.pipeline.buckets_from_sizes) instead of d.buckets.
+  d.eval_num_buckets = 0
   d.max_instances = 100
   # GT masks as box-aligned crops of this size (see training targets).
   d.gt_mask_crop_size = 112

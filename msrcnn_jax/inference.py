@@ -27,6 +27,7 @@ import tqdm
 
 from msrcnn_jax import postprocess
 from msrcnn_jax.data import image_io
+from msrcnn_jax.data import pipeline
 from msrcnn_jax.data import transforms
 from msrcnn_jax.modeling.detector import MaskScoringRCNN
 
@@ -249,31 +250,28 @@ def batch_by_bucket(items: Sequence[dict[str, Any]], batch_size: int,
                     ) -> Iterator[dict[str, Any]]:
   """Groups preprocessed test items into fixed-shape batches.
 
-  Items in the same shape bucket are batched together (order kept within a
-  bucket); a short last batch is padded with copies of its first item and
-  ``valid`` False.
+  The evaluation pipeline's grouping (``pipeline.eval_plan``): items in the
+  same shape bucket (``cfg.data.buckets``) are batched together, order kept
+  within a bucket; a short last batch is padded with copies of its first
+  item and ``valid`` False.
   """
-  groups: dict[tuple, list] = {}
-  for item in items:
-    bucket = transforms.choose_bucket(item['pad_shape'], data_cfg.buckets)
-    groups.setdefault(tuple(bucket), []).append(item)
-  for bucket, group in groups.items():
-    for start in range(0, len(group), batch_size):
-      chunk = group[start:start + batch_size]
-      n = len(chunk)
-      chunk = chunk + [chunk[0]] * (batch_size - n)
-      batch = dict(
-          image=np.stack([transforms.pad_image(it["image"], bucket)
-                          for it in chunk]),
-          img_shape=np.stack([it['img_shape'] for it in chunk]).astype(
-              np.int32),
-          pad_shape=np.stack([it['pad_shape'] for it in chunk]).astype(
-              np.int32),
-          scale_factor=np.stack([it['scale_factor'] for it in chunk]).astype(
-              np.float32),
-          ori_shape=np.stack([it['ori_shape'] for it in chunk]).astype(
-              np.int32),
-          image_id=np.asarray([it['image_id'] for it in chunk], np.int64),
-          file_name=[it['file_name'] for it in chunk],
-          valid=np.arange(batch_size) < n)
-      yield batch
+  buckets = [tuple(int(v) for v in b) for b in data_cfg.buckets]
+  ids = pipeline.bucket_ids([it['pad_shape'] for it in items], buckets)
+  for b, idx in pipeline.eval_plan(ids, batch_size):
+    chunk = [items[i] for i in idx if i >= 0]
+    n = len(chunk)
+    chunk = chunk + [chunk[0]] * (batch_size - n)
+    yield dict(
+        image=np.stack([transforms.pad_image(it['image'], buckets[b])
+                        for it in chunk]),
+        img_shape=np.stack([it['img_shape'] for it in chunk]).astype(
+            np.int32),
+        pad_shape=np.stack([it['pad_shape'] for it in chunk]).astype(
+            np.int32),
+        scale_factor=np.stack([it['scale_factor'] for it in chunk]).astype(
+            np.float32),
+        ori_shape=np.stack([it['ori_shape'] for it in chunk]).astype(
+            np.int32),
+        image_id=np.asarray([it['image_id'] for it in chunk], np.int64),
+        file_name=[it['file_name'] for it in chunk],
+        valid=np.arange(batch_size) < n)
