@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import SET_IMAGES, SETS, load_npz, load_results
+from msrcnn_jax import inference
 from msrcnn_jax import postprocess
+from msrcnn_jax.config import ms_rcnn_config
 from msrcnn_jax.ops import masks as masks_lib
 
 
@@ -195,3 +197,64 @@ def test_region_rle_equals_pycocotools():
     bounds.append(masks_lib.region_boundaries(region, (y0, x0), (h0, w0)))
   got = masks_lib.rles_from_boundaries(bounds, (h0, w0))
   assert got == [masks_lib.encode_rle(m) for m in masks]
+
+
+class _StubPredictor(inference.Predictor):
+  """The Predictor with the detector replaced by fixed outputs."""
+
+  outputs = None
+
+  def detect(self, batch):
+    return {k: jnp.asarray(v[:len(batch['image'])])
+            for k, v in self.outputs.items()}
+
+
+def test_predictor_device_paste_and_workers_give_the_host_records():
+  """Same records, in order, pasted on the device or the host, made in a
+  worker process or inline; padding entries dropped."""
+  rng = np.random.default_rng(5)
+  k, n = 7, 5
+  ctr = rng.uniform(0, 60, (n, k, 2))
+  wh = rng.uniform(2, 40, (n, k, 2))
+  boxes = np.concatenate([ctr - wh / 2, ctr + wh / 2], -1).astype(np.float32)
+  valid = np.arange(k)[None] < np.array([7, 3, 0, 5, 7])[:, None]
+  outputs = dict(boxes=boxes * valid[..., None], paste_boxes=boxes,
+                 scores=rng.uniform(size=(n, k)).astype(np.float32),
+                 labels=rng.integers(0, 3, (n, k)).astype(np.int32),
+                 valid=valid,
+                 mask_logits=rng.normal(0, 3, (n, k, 28, 28)).astype(
+                     np.float32),
+                 mask_iou=rng.uniform(size=(n, k)).astype(np.float32),
+                 mask_scores=rng.uniform(size=(n, k)).astype(np.float32))
+  ori = np.array([[50, 70], [64, 48], [30, 30], [72, 72], [41, 66]])
+  batches = []
+  for s in range(0, n, 2):
+    m = min(2, n - s)
+    batches.append(dict(
+        image=np.zeros((2, 8, 8, 3), np.float32),
+        img_shape=np.zeros((2, 2), np.int32),
+        pad_shape=np.zeros((2, 2), np.int32),
+        scale_factor=np.ones((2, 4), np.float32),
+        ori_shape=np.concatenate([ori[s:s + m], ori[s:s + 1]])[:2],
+        image_id=np.arange(s, s + 2), valid=np.arange(2) < m))
+  results = {}
+  for paste, workers in (('host', 0), ('device', 0), ('device', 1)):
+    cfg = ms_rcnn_config()
+    cfg.test.mask_paste = paste
+    cfg.test.postprocess_workers = workers
+    pred = _StubPredictor(cfg, {})
+    recs = []
+    for s, batch in zip(range(0, n, 2), batches):
+      pred.outputs = {key: np.concatenate([v[s:s + 2], v[s:s + 1]])[:2]
+                      for key, v in outputs.items()}
+      recs += list(pred.predict_batches([batch]))
+    pred.close()
+    assert [r['image_id'] for r in recs] == list(range(n))
+    results[paste, workers] = recs
+  ref = results['host', 0]
+  for key in (('device', 0), ('device', 1)):
+    for a, b in zip(ref, results[key]):
+      assert a['masks'] == b['masks']
+      np.testing.assert_array_equal(a['boxes'], b['boxes'])
+  assert [len(r['masks']) for r in ref] == [7, 3, 0, 5, 7]
+  assert sum(mask_util.area(ref[0]['masks'])) > 100
