@@ -20,7 +20,9 @@ Prints the end-to-end images/s (wall) and the split into
   paste program and the device->host copy;
 - paste / RLE: host pasting at the original size and RLE encoding;
 - COCOeval: bbox + segm pycocotools evaluation and the mask-scoring report;
-and the host post-processing cost per image per core (CPU seconds of
+the padded-pixel overhead of the configured buckets and of buckets chosen
+from the set's sizes (``cfg.data.eval_num_buckets``), and the host
+post-processing cost per image per core (CPU seconds of
 paste + RLE + record assembly, all processes, divided by images): the
 figure that caps evaluation at ``cores / cost`` images/s whatever the
 accelerator. The minimum over ``--repeats`` runs is reported (this VM is
@@ -254,6 +256,15 @@ def main():
           f'{args.detections} detections each, batch {args.batch_size}, '
           f'paste on {args.paste}, postprocess_workers '
           f'{args.postprocess_workers}')
+    cfg = ms_rcnn_config()
+    pads = pipeline.padded_sizes([[im['height'], im['width']]
+                                  for im in ds['images']], cfg.data)
+    print(f'padded pixels over the /32-padded sizes: cfg.data.buckets '
+          f'{100 * pipeline.padding_overhead(pads, cfg.data.buckets):.1f}%')
+    for nb in range(1, 5):
+      chosen = pipeline.buckets_from_sizes(pads, nb)
+      print(f'  eval_num_buckets={nb}: {list(chosen)} '
+            f'{100 * pipeline.padding_overhead(pads, chosen):.1f}%')
     runs = [run_once(args, root, gt_by_image, cat2label)
             for _ in range(args.repeats)]
   n = args.images

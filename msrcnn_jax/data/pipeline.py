@@ -133,10 +133,11 @@ def buckets_from_sizes(pad_sizes: np.ndarray, num_buckets: int
                        ) -> tuple[tuple[int, int], ...]:
   """Bucket shapes that follow a dataset's size histogram.
 
-  Chooses ``num_buckets`` shapes among the dataset's own padded sizes (plus
-  the smallest shape covering them all) that minimise the total padded
-  pixels when each image runs in its smallest fitting bucket: greedy
-  additions from the covering shape, then single swaps until none helps.
+  Chooses ``num_buckets`` shapes ``(h, w)``, h among the dataset's padded
+  heights and w among its padded widths (an optimal bucket is always such a
+  pair), that minimise the total padded pixels when each image runs in its
+  smallest fitting bucket: greedy additions starting from the shape that
+  covers every image, then single swaps until none helps (a local optimum).
 
   Args:
     pad_sizes: ``(N, 2)`` padded (h, w) (``padded_sizes``).
@@ -151,7 +152,10 @@ def buckets_from_sizes(pad_sizes: np.ndarray, num_buckets: int
   sizes, counts = np.unique(np.asarray(pad_sizes, np.int64).reshape(-1, 2),
                             axis=0, return_counts=True)
   cover = (int(sizes[:, 0].max()), int(sizes[:, 1].max()))
-  cands = sorted({tuple(int(v) for v in s) for s in sizes} | {cover})
+  # A bucket is best at the largest height and the largest width of the
+  # images it runs: some (h, w) pair of heights and widths of the data.
+  cands = [(int(h), int(w)) for h in np.unique(sizes[:, 0])
+           for w in np.unique(sizes[:, 1])]
   chosen = [cover]
 
   def cost(bs):
