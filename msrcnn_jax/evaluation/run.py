@@ -129,6 +129,7 @@ def evaluate_model(config: ml_collections.ConfigDict, variables: dict,
                               else source)
   cat_ids = list(getattr(source.source if isinstance(source, _Subset)
                          else source, 'cat_ids', config.data.category_ids))
+  own_predictor = predictor is None
   predictor = predictor or Predictor(config, variables)
   batches = pipeline.make_eval_iterator(
       config, source, batch_size_per_host=batch_size)
@@ -153,6 +154,10 @@ def evaluate_model(config: ml_collections.ConfigDict, variables: dict,
   finally:
     bar.close()
     batches.close()
+    if own_predictor:
+      predictor.close()   # its post-processing worker processes
+  logging.info('evaluation host/device seconds: %s',
+               {k: round(v, 2) for k, v in predictor.timings.items()})
   if dropped:
     logging.warning('%d detections with labels outside the dataset\'s %d '
                     'categories dropped.', dropped, len(cat_ids))
