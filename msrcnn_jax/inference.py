@@ -130,7 +130,7 @@ class Predictor:
 
   def predict_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
     """Host outputs for a padded batch: the detector's record keys (numpy)
-    plus ``postprocess.paste_on_device``'s keys and ``canvas_hw`` when the
+    plus ``postprocess.encode_on_device``'s keys and ``canvas_hw`` when the
     masks were pasted on the device (else ``mask_logits``)."""
     return self._fetch(*self._dispatch(batch))
 
