@@ -116,8 +116,10 @@ def ms_rcnn_config(*,
   # Where masks are pasted: 'device' (postprocess.paste_on_device, same
   # pixels as the host), 'host', or 'auto' (device unless the backend is
   # the CPU, where the host's box-region paste is cheaper). Records are made
-  # in this many worker processes (-1: CPU cores - 1, at most 8; 0: in the
-  # calling thread).
+  # in this many worker processes (-1: CPU cores - 1, at most 8, or 0 on
+  # the CPU backend; 0: in the calling thread). Workers are spawned: a
+  # script calling evaluate/predict needs an `if __name__ == '__main__'`
+  # guard (else they fail and the records are made in the calling thread).
   c.test.mask_paste = 'auto'
   c.test.postprocess_workers = -1
 

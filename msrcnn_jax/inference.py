@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import concurrent.futures.process
+import logging
 import multiprocessing
 import os
 import time
@@ -39,7 +41,11 @@ _RECORD_KEYS = ('boxes', 'scores', 'labels', 'valid', 'mask_iou',
 
 
 def default_postprocess_workers() -> int:
-  """Worker processes for host post-processing: CPU cores - 1, at most 8."""
+  """Worker processes for host post-processing: CPU cores - 1, at most 8;
+  0 on the CPU backend (the detector there takes the cores and is ~40x
+  slower than the host part)."""
+  if jax.default_backend() == 'cpu':
+    return 0
   cores = (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
            else os.cpu_count() or 1)
   return int(min(max(cores - 1, 0), 8))
@@ -145,6 +151,14 @@ class Predictor:
           mp_context=multiprocessing.get_context('spawn'))
     return self._pool
 
+  def _workers_failed(self, error: Exception) -> None:
+    # E.g. spawn re-importing a __main__ script without a main guard.
+    if self.postprocess_workers:
+      logging.warning('post-processing workers failed (%s); making records '
+                      'in this process from now on', error)
+    self.postprocess_workers = 0
+    self.close()
+
   def close(self) -> None:
     """Stops the worker processes (they restart on the next call)."""
     if self._pool is not None:
@@ -170,17 +184,25 @@ class Predictor:
       t = time.perf_counter()
       host = self._fetch(*dev)
       self._add_time('device', time.perf_counter() - t)
-      if pool is None:
+      fut = None
+      if pool is not None and self.postprocess_workers > 0:
+        try:
+          fut = pool.submit(postprocess.host_records, host, metas, thr)
+        except concurrent.futures.process.BrokenProcessPool as e:
+          self._workers_failed(e)
+      if fut is None:
         fut = concurrent.futures.Future()
         fut.set_result(postprocess.host_records(host, metas, thr))
-      else:
-        fut = pool.submit(postprocess.host_records, host, metas, thr)
-      on_host.append((valid, fut))
+      on_host.append((valid, fut, host, metas))
 
     def finish():
-      valid, fut = on_host.popleft()
+      valid, fut, host, metas = on_host.popleft()
       t = time.perf_counter()
-      records, timings = fut.result()
+      try:
+        records, timings = fut.result()
+      except concurrent.futures.process.BrokenProcessPool as e:
+        self._workers_failed(e)
+        records, timings = postprocess.host_records(host, metas, thr)
       self._add_time('host_wait', time.perf_counter() - t)
       for k, v in timings.items():
         self._add_time(k, v)

@@ -5,6 +5,9 @@ References: mmdetection 2.28.2's results.json (its ``_do_paste_mask`` +
 calls) and pycocotools ``encode``.
 """
 
+import os
+import signal
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -258,3 +261,34 @@ def test_predictor_device_paste_and_workers_give_the_host_records():
       np.testing.assert_array_equal(a['boxes'], b['boxes'])
   assert [len(r['masks']) for r in ref] == [7, 3, 0, 5, 7]
   assert sum(mask_util.area(ref[0]['masks'])) > 100
+
+
+def test_broken_worker_pool_falls_back_to_this_process():
+  """A worker that dies (e.g. spawn failing on a guard-less script) costs
+  nothing but the pool: the records are made in the calling process."""
+  cfg = ms_rcnn_config()
+  cfg.test.mask_paste = 'host'
+  cfg.test.postprocess_workers = 1
+  pred = _StubPredictor(cfg, {})
+  rng = np.random.default_rng(6)
+  pred.outputs = dict(
+      boxes=np.array([[[2., 2., 20., 30.]]], np.float32),
+      paste_boxes=np.array([[[2., 2., 20., 30.]]], np.float32),
+      scores=np.ones((1, 1), np.float32), labels=np.zeros((1, 1), np.int32),
+      valid=np.ones((1, 1), bool),
+      mask_logits=rng.normal(2, 1, (1, 1, 28, 28)).astype(np.float32),
+      mask_iou=np.ones((1, 1), np.float32),
+      mask_scores=np.ones((1, 1), np.float32))
+  batch = dict(image=np.zeros((1, 8, 8, 3), np.float32),
+               img_shape=np.zeros((1, 2), np.int32),
+               pad_shape=np.zeros((1, 2), np.int32),
+               scale_factor=np.ones((1, 4), np.float32),
+               ori_shape=np.array([[40, 30]]), image_id=np.array([0]))
+  pool = pred._worker_pool()  # pylint: disable=protected-access
+  assert pool.submit(int, '7').result() == 7      # workers started
+  for pid in list(pool._processes):  # pylint: disable=protected-access
+    os.kill(pid, signal.SIGKILL)
+  recs = list(pred.predict_batches([batch, batch]))
+  assert pred.postprocess_workers == 0 and len(recs) == 2
+  assert recs[0]['masks'] == recs[1]['masks']
+  assert mask_util.area(recs[0]['masks'])[0] > 300
