@@ -56,3 +56,12 @@ def test_eval_iterator_uses_buckets_from_the_data():
   # of 2); the portrait image
   # gets 1216x800 (the default buckets would use 800x1344 and 1344x800).
   assert shapes == [(800, 1216), (800, 1216), (1216, 800)]
+
+
+def test_chosen_buckets_need_not_fit_the_configured_ones():
+  cfg = ms_rcnn_config()
+  cfg.data.buckets = ((800, 800),)
+  cfg.data.eval_num_buckets = 1
+  assert pipeline.eval_buckets(cfg.data, SIZES) == ((1216, 1344),)
+  with pytest.raises(ValueError):
+    pipeline.padding_overhead(SIZES, cfg.data.buckets)

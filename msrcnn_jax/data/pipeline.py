@@ -205,10 +205,14 @@ def eval_buckets(data_cfg, pad_sizes: np.ndarray):
   buckets = tuple(tuple(int(v) for v in b) for b in data_cfg.buckets)
   if n > 0 and len(pad_sizes):
     chosen = buckets_from_sizes(pad_sizes, n)
+    try:
+      configured = f'{100 * padding_overhead(pad_sizes, buckets):.1f}%'
+    except ValueError:
+      configured = 'some images fit none'
     logger.info('evaluation buckets %s from the data: %.1f%% padded pixels '
-                '(cfg.data.buckets %s: %.1f%%)', chosen,
+                '(cfg.data.buckets %s: %s)', chosen,
                 100 * padding_overhead(pad_sizes, chosen), buckets,
-                100 * padding_overhead(pad_sizes, buckets))
+                configured)
     return chosen
   return buckets
 
