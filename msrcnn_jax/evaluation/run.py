@@ -16,6 +16,7 @@ import numpy as np
 import tqdm
 
 from msrcnn_jax.data import pipeline
+from msrcnn_jax.evaluation import mask_scoring_report
 from msrcnn_jax.evaluation.coco_evaluator import CocoEvaluator
 from msrcnn_jax.inference import Predictor
 from msrcnn_jax.ops.masks import encode_rle
@@ -162,7 +163,10 @@ def evaluate_model(config: ml_collections.ConfigDict, variables: dict,
     logging.warning('%d detections with labels outside the dataset\'s %d '
                     'categories dropped.', dropped, len(cat_ids))
   metrics = evaluator.evaluate()
-  summary, log = evaluator.mask_scoring_report()
+  summary, log = mask_scoring_report.mask_scoring_report(
+      evaluator.coco_gt, evaluator.records, evaluator.category_ids,
+      output_dir=evaluator.output_dir, metrics=evaluator.metrics_result,
+      img_ids=evaluator.img_ids())
   logging.info('%s', log)
   print(log)
   metrics['mask_scoring'] = summary
