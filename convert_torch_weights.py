@@ -20,7 +20,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from msrcnn_jax import errors
-from msrcnn_jax.convert import checkpoint_io
+from msrcnn_jax import variables as variables_lib
 from msrcnn_jax.convert import mmdet
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -41,7 +41,7 @@ def main(argv):
   variables, report = mmdet.convert_checkpoint(
       _CHECKPOINT.value, config, backbone_only=_BACKBONE_ONLY.value)
   print(report.format())
-  out = checkpoint_io.save_variables(
+  out = variables_lib.save_variables(
       _OUTPUT.value, variables,
       dict(config_name=config.name, source=os.path.abspath(_CHECKPOINT.value),
            backbone_only=_BACKBONE_ONLY.value,

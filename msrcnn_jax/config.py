@@ -33,6 +33,13 @@ COCO_CLASSES = (
     'refrigerator', 'book', 'clock', 'vase', 'scissors', 'teddy bear',
     'hair drier', 'toothbrush')
 
+# The class-dependent layers: what fine-tuning a converted COCO checkpoint on
+# a dataset with another class count re-initialises (train.init_skip_patterns).
+FINETUNE_SKIP_PATTERNS = (
+    r'^params/roi_head/bbox_head/fc_cls/', r'^params/roi_head/bbox_head/fc_reg/',
+    r'^params/roi_head/mask_head/conv_logits/',
+    r'^params/roi_head/mask_iou_head/fc_mask_iou/')
+
 # Image normalisation per backbone style (spec §1.3).
 CAFFE_NORM = dict(mean=(103.530, 116.280, 123.675), std=(1.0, 1.0, 1.0),
                   to_rgb=False)
@@ -152,7 +159,13 @@ def ms_rcnn_config(*,
   t.keep_checkpoints = 3
   t.log_every_steps = 50
   t.eval_every_steps = 0      # 0 = evaluate only at the end
-  t.init_checkpoint = ''      # converted full or backbone-only checkpoint
+  # Converted directory, training workdir (newest step) or step directory.
+  t.init_checkpoint = ''
+  # Regexes (re.search on 'params/roi_head/bbox_head/fc_cls/kernel') of
+  # variables NOT loaded from init_checkpoint (kept at their initialisation,
+  # each logged with both shapes); any other mismatch is an error. Fine-tune
+  # to another class count with FINETUNE_SKIP_PATTERNS.
+  t.init_skip_patterns = ()
 
   # ----------------------------------------------------------------- data
   d = c.data = ml_collections.ConfigDict()

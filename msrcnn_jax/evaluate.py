@@ -30,8 +30,10 @@ from msrcnn_jax.modeling import build
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Model config file (configs/<name>.py).')
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None,
-                                  'Converted or trained checkpoint directory.')
+_CHECKPOINT = flags.DEFINE_string(
+    'checkpoint', None,
+    'A converted variables directory, a training workdir (its newest '
+    'step) or a step directory (<workdir>/checkpoints/<step>).')
 _COCO_DIR = flags.DEFINE_string('coco-dir', None, 'Local COCO directory.')
 _SPLIT = flags.DEFINE_string('split', 'val2017', 'Split to evaluate.')
 _MAX_IMAGES = flags.DEFINE_integer('max-images', 0, '0 = the whole split.',

@@ -32,7 +32,9 @@ from msrcnn_jax.modeling import build
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Model config file (configs/<name>.py).')
 _CHECKPOINT = flags.DEFINE_string(
-    'checkpoint', None, 'Converted or trained checkpoint directory.')
+    'checkpoint', None,
+    'A converted variables directory, a training workdir (its newest '
+    'step) or a step directory (<workdir>/checkpoints/<step>).')
 _OUTPUT = flags.DEFINE_string('output', 'results.json', 'Output JSON file.')
 _VIS_DIR = flags.DEFINE_string(
     'vis-dir', None, 'If set, write a PNG per image with masks, boxes, '

@@ -8,12 +8,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from msrcnn_jax.errors import UserError
+from msrcnn_jax import variables as variables_lib
 from msrcnn_jax.modeling.detector import MaskScoringRCNN
-
-
-class VariablesMismatchError(UserError, ValueError):
-  """Loaded variables do not fit the model a config describes."""
 
 
 def build_model(config: ml_collections.ConfigDict) -> MaskScoringRCNN:
@@ -31,54 +27,35 @@ def variable_shapes(config: ml_collections.ConfigDict,
                               method=MaskScoringRCNN.init_all), images, pad)
 
 
-def flatten(tree: Any) -> dict[str, Any]:
-  """``{'params/backbone/conv1/kernel': leaf, ...}``."""
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {'/'.join(str(getattr(k, 'key', k)) for k in path): leaf
-          for path, leaf in flat}
-
-
 def check_variables(config: ml_collections.ConfigDict, variables: Any,
-                    source: str = 'checkpoint') -> None:
-  """Raises ``VariablesMismatchError`` naming every missing, unexpected and
-  mis-shaped variable of ``variables`` against the model of ``config``."""
-  expected = {k: tuple(v.shape) for k, v in
-              flatten(variable_shapes(config)).items()}
-  got = {k: tuple(getattr(v, 'shape', ())) for k, v in
-         flatten(variables).items()}
-  missing = sorted(set(expected) - set(got))
-  unexpected = sorted(set(got) - set(expected))
-  shape = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
-  if missing or unexpected or shape:
-    lines = [f'{source} does not fit config {config.get("name", "?")!r}:']
-    lines += [f'  missing: {k} {expected[k]}' for k in missing]
-    lines += [f'  unexpected: {k} {got[k]}' for k in unexpected]
-    lines += [f'  shape: {k} has {got[k]}, config expects {expected[k]}'
-              for k in shape]
-    raise VariablesMismatchError('\n'.join(lines))
+                    source: str = 'checkpoint',
+                    made_for: str | None = None) -> None:
+  """``variables.check_variables`` against the model of ``config``.
+
+  Raises:
+    VariablesMismatchError: naming every missing, unexpected and mis-shaped
+      variable (and ``made_for``, the config the checkpoint was written for,
+      when it differs from ``config.name``).
+  """
+  variables_lib.check_variables(
+      variables_lib.shapes(variable_shapes(config)), variables, source=source,
+      model=config.get('name', '?'), made_for=made_for)
 
 
 def load_checked_variables(config: ml_collections.ConfigDict,
-                           directory: str) -> tuple[dict, dict]:
-  """Loads a converted/trained checkpoint and checks it fits ``config``.
+                           path: str) -> tuple[dict, dict]:
+  """Loads a converted directory, a training workdir (newest step) or a step
+  directory and checks that it fits ``config`` exactly.
 
   Returns:
     ``(variables, metadata)``.
 
   Raises:
-    CheckpointError: missing or unreadable checkpoint directory.
+    CheckpointError: missing or unreadable checkpoint.
     VariablesMismatchError: naming every mismatch, and the config the
-      checkpoint was converted for when its metadata says.
+      checkpoint was written for when its metadata says.
   """
-  from msrcnn_jax.convert import checkpoint_io  # pylint: disable=g-import-not-at-top
-  variables, meta = checkpoint_io.load_variables(directory)
-  try:
-    check_variables(config, variables, source=directory)
-  except VariablesMismatchError as e:
-    made_for = meta.get('config_name')
-    if made_for and made_for != config.get('name'):
-      raise VariablesMismatchError(
-          f'{e}\n(the checkpoint was converted for config {made_for!r})'
-      ) from e
-    raise
+  variables, meta = variables_lib.load_variables(path)
+  check_variables(config, variables, source=path,
+                  made_for=meta.get('config_name'))
   return variables, meta

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from msrcnn_jax import variables as variables_lib
 from msrcnn_jax.errors import ConfigError
 
 PyTree = Any
@@ -108,20 +109,6 @@ def make_schedule(config: ml_collections.ConfigDict) -> Callable[[Any], Any]:
   return schedule_fn
 
 
-def _path_names(path) -> tuple[str, ...]:
-  names = []
-  for entry in path:
-    if isinstance(entry, jax.tree_util.DictKey):
-      names.append(str(entry.key))
-    elif isinstance(entry, jax.tree_util.GetAttrKey):
-      names.append(str(entry.name))
-    elif isinstance(entry, jax.tree_util.SequenceKey):
-      names.append(str(entry.idx))
-    else:
-      names.append(str(entry))
-  return tuple(names)
-
-
 def _is_norm_module(tree: PyTree, names: tuple[str, ...]) -> bool:
   """A module is a BN layer if its parameter dict holds a ``scale`` leaf."""
   node = tree
@@ -155,7 +142,7 @@ def trainable_mask(params: PyTree,
   """
 
   def label(path, _):
-    names = _path_names(path)
+    names = variables_lib.path_names(path)
     if not names or names[0] != 'backbone' or len(names) < 2:
       return True
     top = names[1]
