@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Sequence
 
 from absl import app
@@ -23,6 +24,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from msrcnn_jax import config as config_lib
 from msrcnn_jax import errors
 from msrcnn_jax.data import pipeline
 from msrcnn_jax.evaluation.run import evaluate_model, write_json
@@ -56,6 +58,7 @@ def main(argv: Sequence[str]) -> None:
     config.data.coco_dir = _COCO_DIR.value
     config.data.val_split = _SPLIT.value
   output_dir = os.path.dirname(os.path.abspath(_OUTPUT.value))
+  build.validate_config(config)
   source = pipeline.build_source(config, train=False)
   variables, _ = build.load_checked_variables(config, _CHECKPOINT.value)
   os.makedirs(output_dir, exist_ok=True)
@@ -70,4 +73,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
+  config_lib.exit_on_unknown_overrides(sys.argv)
   errors.run(main)

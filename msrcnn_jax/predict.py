@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Sequence
 
 from absl import app
@@ -22,6 +23,7 @@ from absl import logging
 import cv2
 from ml_collections import config_flags
 
+from msrcnn_jax import config as config_lib
 from msrcnn_jax import errors
 from msrcnn_jax import postprocess
 from msrcnn_jax.data import image_io
@@ -69,6 +71,7 @@ def main(argv: Sequence[str]) -> None:
   config = _CONFIG.value
   if config is None or _CHECKPOINT.value is None:
     raise app.UsageError('--config and --checkpoint are required.')
+  build.validate_config(config)
   _check_images(paths)
   variables, meta = build.load_checked_variables(config, _CHECKPOINT.value)
   logging.info('Loaded %s (%s)', _CHECKPOINT.value, meta.get('config_name'))
@@ -96,4 +99,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
+  config_lib.exit_on_unknown_overrides(sys.argv)
   errors.run(main)

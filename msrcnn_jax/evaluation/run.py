@@ -136,7 +136,7 @@ def evaluate_model(config: ml_collections.ConfigDict, variables: dict,
       config, source, batch_size_per_host=batch_size)
   evaluator = CocoEvaluator(coco_gt, cat_ids, output_dir=output_dir,
                             prefix='results')
-  num_classes = config.model.roi_head.bbox_head.get('num_classes', 80)
+  num_classes = config.model.num_classes
   if num_classes > len(cat_ids):
     logging.warning(
         'The model has %d classes but the dataset only %d categories; '

@@ -2,24 +2,54 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from msrcnn_jax import config as config_lib
 from msrcnn_jax import variables as variables_lib
+from msrcnn_jax.modeling.backbone import resnet_from_config
 from msrcnn_jax.modeling.detector import MaskScoringRCNN
 
 
-def build_model(config: ml_collections.ConfigDict) -> MaskScoringRCNN:
-  return MaskScoringRCNN(config)
+def build_model(config: ml_collections.ConfigDict, dtype: Any = jnp.float32,
+                backbone_fn: Callable[..., Any] = resnet_from_config
+                ) -> MaskScoringRCNN:
+  """The detector of ``config``; ``backbone_fn(config.model.backbone,
+  dtype)`` builds its backbone (see ``backbone.resnet_from_config``)."""
+  return MaskScoringRCNN(config, dtype=dtype, backbone_fn=backbone_fn)
 
 
-def variable_shapes(config: ml_collections.ConfigDict,
-                    image_hw=(64, 64)) -> dict[str, Any]:
+def validate_config(config: ml_collections.ConfigDict,
+                    backbone_fn: Callable[..., Any] = resnet_from_config
+                    ) -> None:
+  """``config.validate`` plus the checks that need the modules:
+  ``model.neck.in_channels`` must be the backbone's output channels.
+
+  Raises:
+    ConfigError: naming the key.
+  """
+  config_lib.validate(config)
+  images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+  pad = jax.ShapeDtypeStruct((1, 2), jnp.int32)
+  backbone = backbone_fn(config.model.backbone, jnp.float32)
+  outs = jax.eval_shape(
+      lambda i, p: backbone.init_with_output(jax.random.key(0), i, p)[0],
+      images, pad)
+  channels = [int(o.shape[-1]) for o in outs]
+  if list(config.model.neck.in_channels) != channels:
+    raise config_lib.ConfigError(
+        f'model.neck.in_channels is {list(config.model.neck.in_channels)} '
+        f'but the backbone gives {channels} channels')
+
+
+def variable_shapes(config: ml_collections.ConfigDict, image_hw=(64, 64),
+                    backbone_fn: Callable[..., Any] = resnet_from_config
+                    ) -> dict[str, Any]:
   """``{'params': ..., 'batch_stats': ...}`` of ShapeDtypeStructs (no FLOPs)."""
-  model = build_model(config)
+  model = build_model(config, backbone_fn=backbone_fn)
   images = jax.ShapeDtypeStruct((1,) + tuple(image_hw) + (3,), jnp.float32)
   pad = jax.ShapeDtypeStruct((1, 2), jnp.int32)
   return jax.eval_shape(

@@ -16,7 +16,7 @@ padding leaves them).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -25,7 +25,7 @@ import ml_collections
 
 from msrcnn_jax.modeling import losses as losses_lib
 from msrcnn_jax.modeling import targets as targets_lib
-from msrcnn_jax.modeling.backbone import ResNet
+from msrcnn_jax.modeling.backbone import resnet_from_config
 from msrcnn_jax.modeling.fpn import FPN
 from msrcnn_jax.modeling.heads.box_postprocess import get_detections
 from msrcnn_jax.modeling.roi_heads import MaskScoringRoIHead
@@ -41,18 +41,16 @@ class MaskScoringRCNN(nn.Module):
     config: the full config (``model``, ``test`` and ``train`` are read).
     dtype: compute dtype of the convolutions and dense layers (parameters
       stay float32; box decoding, NMS and losses always run in float32).
+    backbone_fn: ``(config.model.backbone, dtype) -> module`` giving
+      C2..C5 (``backbone.resnet_from_config``).
   """
   config: ml_collections.ConfigDict
   dtype: Any = jnp.float32
+  backbone_fn: Callable[..., nn.Module] = resnet_from_config
 
   def setup(self):
     m = self.config.model
-    b = m.backbone
-    self.backbone = ResNet(
-        depth=b.depth, style=b.style, groups=b.groups,
-        base_width=b.base_width, base_channels=b.base_channels,
-        frozen_stages=b.frozen_stages, bn_eps=b.bn_eps, dtype=self.dtype,
-        zero_init_residual=b.get('zero_init_residual', False))
+    self.backbone = self.backbone_fn(m.backbone, self.dtype)
     self.neck = FPN(in_channels=tuple(m.neck.in_channels),
                     out_channels=m.neck.out_channels,
                     num_outs=m.neck.num_outs, dtype=self.dtype)
@@ -60,7 +58,8 @@ class MaskScoringRCNN(nn.Module):
         feat_channels=m.rpn_head.feat_channels,
         num_anchors=len(m.rpn_head.anchor_ratios) * len(
             m.rpn_head.anchor_scales), dtype=self.dtype)
-    self.roi_head = MaskScoringRoIHead(m.roi_head, dtype=self.dtype)
+    self.roi_head = MaskScoringRoIHead(m.roi_head, m.num_classes,
+                                       dtype=self.dtype)
 
   # ----------------------------------------------------------- the stages
   def features(self, images: jnp.ndarray, pad_shape: jnp.ndarray):
@@ -100,7 +99,8 @@ class MaskScoringRCNN(nn.Module):
         scales=tuple(m.rpn_head.anchor_scales),
         ratios=tuple(m.rpn_head.anchor_ratios),
         nms_pre=cfg.nms_pre, max_per_img=cfg.max_per_img,
-        iou_threshold=cfg.iou_threshold)
+        iou_threshold=cfg.iou_threshold,
+        target_stds=tuple(m.rpn_head.target_stds))
 
   def roi_features(self, feats, boxes, pad_shape, output_size: int):
     """RoIAlign of ``boxes (B, N, 4)`` (test scale) from P2..P5."""
@@ -204,7 +204,7 @@ class MaskScoringRCNN(nn.Module):
     """
     m, t = self.config.model, self.config.train
     rh = m.roi_head
-    num_classes = rh.bbox_head.num_classes
+    num_classes = m.num_classes
     img_shape, pad_shape = batch['img_shape'], batch['pad_shape']
     gt_boxes = batch['gt_boxes'].astype(jnp.float32)
     gt_labels = batch['gt_labels'].astype(jnp.int32)

@@ -24,26 +24,28 @@ class MaskScoringRoIHead(nn.Module):
 
   Attributes:
     config: ``config.model.roi_head``.
+    num_classes: ``config.model.num_classes``, read by all three heads.
     dtype: compute dtype of the heads.
   """
   config: ml_collections.ConfigDict
+  num_classes: int = 80
   dtype: Any = jnp.float32
 
   def setup(self):
     c = self.config
     self.bbox_head = Shared2FCBBoxHead(
         fc_out_channels=c.bbox_head.fc_out_channels,
-        num_classes=c.bbox_head.num_classes, dtype=self.dtype)
+        num_classes=self.num_classes, dtype=self.dtype)
     self.mask_head = FCNMaskHead(
         num_convs=c.mask_head.num_convs,
         conv_out_channels=c.mask_head.conv_out_channels,
-        num_classes=c.mask_head.num_classes, dtype=self.dtype)
+        num_classes=self.num_classes, dtype=self.dtype)
     self.mask_iou_head = MaskIoUHead(
         num_convs=c.mask_iou_head.num_convs,
         num_fcs=c.mask_iou_head.num_fcs,
         conv_out_channels=c.mask_iou_head.conv_out_channels,
         fc_out_channels=c.mask_iou_head.fc_out_channels,
-        num_classes=c.mask_iou_head.num_classes, dtype=self.dtype)
+        num_classes=self.num_classes, dtype=self.dtype)
 
   def __call__(self, bbox_feats: jnp.ndarray, mask_feats: jnp.ndarray):
     """Runs all heads once (used by ``init``).

@@ -177,7 +177,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       workdir)``).
     train_iter_fn: ``(config, start_step) -> iterator`` of host-local numpy
       batches of ``global_batch_size / process_count`` images, starting at
-      global batch number ``start_step`` (default:
+      global batch number ``start_step`` (default: the task's
+      ``train_iter_fn`` if it has one, else
       ``msrcnn_jax.data.pipeline.make_train_iterator``).
     eval_fn: ``eval_fn(state) -> dict`` of scalars (default: the task's
       ``eval_fn`` if it has one).
@@ -215,6 +216,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     task = DetectorTask(config, workdir)
   if eval_fn is None:
     eval_fn = getattr(task, 'eval_fn', None)
+  if train_iter_fn is None:
+    train_iter_fn = getattr(task, 'train_iter_fn', None)
   if train_iter_fn is None:
     from msrcnn_jax.data.pipeline import make_train_iterator  # pylint: disable=g-import-not-at-top
     train_iter_fn = make_train_iterator
