@@ -4,6 +4,13 @@ Every file in ``configs/`` calls :func:`ms_rcnn_config` and overrides what it
 changes. The tree mirrors mmdetection's resolved config (spec §1) and the
 parameter tree (``config.model.roi_head.mask_iou_head`` <->
 ``params['roi_head']['mask_iou_head']`` <-> ``roi_head.mask_iou_head.*``).
+
+Every key is read by something. :func:`validate` (called by the entry points
+and ``DetectorTask``) refuses, naming the key, keys the schema lacks, values
+nothing implements and keys that do not apply; :func:`check_override_flags`
+refuses unknown ``--config.<key>`` overrides before ``config_flags`` parses
+them; :func:`check_dataset_classes` refuses a training dataset whose
+categories are not the model's classes (``model.num_classes``).
 """
 
 from __future__ import annotations
