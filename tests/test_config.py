@@ -41,7 +41,7 @@ def _train(tmp_path, *overrides):
 
 def test_unknown_override_is_one_error_line(tmp_path):
   proc = _train(tmp_path, '--config.model.roi_head.foo=1')
-  assert proc.returncode == 2
+  assert proc.returncode == 1
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1, proc.stderr
   assert lines[0].startswith('error: unknown config key model.roi_head.foo')

@@ -372,11 +372,7 @@ def _with_classes(sd, n):
 
 
 def _set_classes(cfg, n):
-  m = cfg.model
-  m.num_classes = n
-  for head in (m.roi_head.bbox_head, m.roi_head.mask_head,
-               m.roi_head.mask_iou_head):
-    head.num_classes = n
+  cfg.model.num_classes = n     # the one class-count key every head reads
   return cfg
 
 

@@ -302,7 +302,7 @@ def _class_count_note(shapes: Mapping[str, Shape], config,
   """The checkpoint-vs-config class-count difference, if any."""
   per_key = checkpoint_num_classes(shapes)
   m = config.model if hasattr(config, 'model') else config
-  want = int(m.roi_head.bbox_head.num_classes)
+  want = int(m.num_classes)
   counts = sorted(set(per_key.values()))
   if not counts or counts == [want]:
     return []
