@@ -20,8 +20,11 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from msrcnn_jax.convert import checkpoint_io
+from msrcnn_jax import config as config_lib
+from msrcnn_jax import errors
+from msrcnn_jax import variables as variables_lib
 from msrcnn_jax.convert import mmdet
+from msrcnn_jax.modeling import build
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'configs/*.py file of the model.', lock_config=True)
@@ -37,24 +40,20 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save step
   config = _CONFIG.value
   if config is None or not _CHECKPOINT.value or not _OUTPUT.value:
-    print('--config, --checkpoint and --output are required', file=sys.stderr)
-    return 2
-  try:
-    variables, report = mmdet.convert_checkpoint(
-        _CHECKPOINT.value, config, backbone_only=_BACKBONE_ONLY.value)
-  except mmdet.ConversionError as e:
-    print(f'CONVERSION FAILED: {e}', file=sys.stderr)
-    return 1
+    raise app.UsageError('--config, --checkpoint and --output are required')
+  build.validate_config(config)
+  variables, report = mmdet.convert_checkpoint(
+      _CHECKPOINT.value, config, backbone_only=_BACKBONE_ONLY.value)
   print(report.format())
-  out = checkpoint_io.save_variables(
+  out = variables_lib.save_variables(
       _OUTPUT.value, variables,
       dict(config_name=config.name, source=os.path.abspath(_CHECKPOINT.value),
            backbone_only=_BACKBONE_ONLY.value,
            tensors_mapped=len(report.mapped), num_params=report.num_params))
   print(f'wrote {out}')
-  return 0
 
 
 if __name__ == '__main__':
+  config_lib.exit_on_unknown_overrides(sys.argv)
   flags.mark_flags_as_required(['config', 'checkpoint', 'output'])
-  app.run(lambda argv: sys.exit(main(argv)))
+  errors.run(main)

@@ -12,17 +12,25 @@ same command on every host (see README: TPU pod slices and multi-node GPU).
 """
 
 import os
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
+from msrcnn_jax import config as config_lib
+from msrcnn_jax import errors
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', os.path.join(_HERE, 'configs', 'quickstart_synthetic.py'),
-    'Config file (a python file with get_config()).', lock_config=True)
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# Before the flags: config_flags applies --config.<key> overrides as it
+# defines them, with a traceback for an unknown key.
+config_lib.exit_on_unknown_overrides(sys.argv)
+
+with errors.config_errors_reported():  # overrides of the default config
+  _CONFIG = config_flags.DEFINE_config_file(
+      'config', os.path.join(_HERE, 'configs', 'quickstart_synthetic.py'),
+      'Config file (a python file with get_config()).', lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     'workdir', None,
     'Checkpoints, TensorBoard events and evaluation output '
@@ -48,4 +56,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run(main)

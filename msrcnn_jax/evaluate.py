@@ -24,17 +24,18 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from msrcnn_jax.convert import checkpoint_io
-from msrcnn_jax.data import coco
-from msrcnn_jax.data import image_io
+from msrcnn_jax import config as config_lib
+from msrcnn_jax import errors
 from msrcnn_jax.data import pipeline
 from msrcnn_jax.evaluation.run import evaluate_model, write_json
 from msrcnn_jax.modeling import build
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Model config file (configs/<name>.py).')
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None,
-                                  'Converted or trained checkpoint directory.')
+_CHECKPOINT = flags.DEFINE_string(
+    'checkpoint', None,
+    'A converted variables directory, a training workdir (its newest '
+    'step) or a step directory (<workdir>/checkpoints/<step>).')
 _COCO_DIR = flags.DEFINE_string('coco-dir', None, 'Local COCO directory.')
 _SPLIT = flags.DEFINE_string('split', 'val2017', 'Split to evaluate.')
 _MAX_IMAGES = flags.DEFINE_integer('max-images', 0, '0 = the whole split.',
@@ -57,17 +58,13 @@ def main(argv: Sequence[str]) -> None:
     config.data.coco_dir = _COCO_DIR.value
     config.data.val_split = _SPLIT.value
   output_dir = os.path.dirname(os.path.abspath(_OUTPUT.value))
-  try:
-    variables, meta = build.load_checked_variables(config, _CHECKPOINT.value)
-    source = pipeline.build_source(config, train=False)
-    os.makedirs(output_dir, exist_ok=True)
-    metrics, _ = evaluate_model(config, variables, output_dir, source=source,
-                                max_images=_MAX_IMAGES.value,
-                                batch_size=_BATCH_SIZE.value)
-  except (checkpoint_io.CheckpointError, build.VariablesMismatchError,
-          coco.CocoFormatError, image_io.ImageReadError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+  build.validate_config(config)
+  source = pipeline.build_source(config, train=False)
+  variables, _ = build.load_checked_variables(config, _CHECKPOINT.value)
+  os.makedirs(output_dir, exist_ok=True)
+  metrics, _ = evaluate_model(config, variables, output_dir, source=source,
+                              max_images=_MAX_IMAGES.value,
+                              batch_size=_BATCH_SIZE.value)
   if os.path.abspath(_OUTPUT.value) != os.path.join(output_dir,
                                                     'metrics.json'):
     write_json(_OUTPUT.value, metrics)
@@ -76,4 +73,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  config_lib.exit_on_unknown_overrides(sys.argv)
+  errors.run(main)

@@ -23,8 +23,9 @@ from absl import logging
 import cv2
 from ml_collections import config_flags
 
+from msrcnn_jax import config as config_lib
+from msrcnn_jax import errors
 from msrcnn_jax import postprocess
-from msrcnn_jax.convert import checkpoint_io
 from msrcnn_jax.data import image_io
 from msrcnn_jax.evaluation import visualize
 from msrcnn_jax.inference import Predictor
@@ -33,7 +34,9 @@ from msrcnn_jax.modeling import build
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Model config file (configs/<name>.py).')
 _CHECKPOINT = flags.DEFINE_string(
-    'checkpoint', None, 'Converted or trained checkpoint directory.')
+    'checkpoint', None,
+    'A converted variables directory, a training workdir (its newest '
+    'step) or a step directory (<workdir>/checkpoints/<step>).')
 _OUTPUT = flags.DEFINE_string('output', 'results.json', 'Output JSON file.')
 _VIS_DIR = flags.DEFINE_string(
     'vis-dir', None, 'If set, write a PNG per image with masks, boxes, '
@@ -68,16 +71,12 @@ def main(argv: Sequence[str]) -> None:
   config = _CONFIG.value
   if config is None or _CHECKPOINT.value is None:
     raise app.UsageError('--config and --checkpoint are required.')
-  try:
-    _check_images(paths)
-    variables, meta = build.load_checked_variables(config, _CHECKPOINT.value)
-    logging.info('Loaded %s (%s)', _CHECKPOINT.value, meta.get('config_name'))
-    predictor = Predictor(config, variables)
-    records = predictor.predict_images(paths, batch_size=_BATCH_SIZE.value)
-  except (checkpoint_io.CheckpointError, build.VariablesMismatchError,
-          image_io.ImageReadError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+  build.validate_config(config)
+  _check_images(paths)
+  variables, meta = build.load_checked_variables(config, _CHECKPOINT.value)
+  logging.info('Loaded %s (%s)', _CHECKPOINT.value, meta.get('config_name'))
+  predictor = Predictor(config, variables)
+  records = predictor.predict_images(paths, batch_size=_BATCH_SIZE.value)
   entries = postprocess.records_to_prediction_json(
       records, config.data.category_ids)
   out_dir = os.path.dirname(os.path.abspath(_OUTPUT.value))
@@ -100,4 +99,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  config_lib.exit_on_unknown_overrides(sys.argv)
+  errors.run(main)

@@ -26,6 +26,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import ml_collections
 import numpy as np
 
+from msrcnn_jax import variables as variables_lib
+from msrcnn_jax.errors import UserError
+from msrcnn_jax.modeling import build
 from msrcnn_jax.modeling.backbone import STAGE_BLOCKS
 
 Shape = Tuple[int, ...]
@@ -40,7 +43,7 @@ V1_MESSAGE = (
     '(2020 or later) of the same model instead.')
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
   """Raised when a checkpoint does not map exactly; ``report`` says why."""
 
   def __init__(self, message: str, report: Optional['ConversionReport'] = None):
@@ -130,11 +133,9 @@ def expected_variable_shapes(config, backbone_only: bool = False
 @functools.lru_cache(maxsize=32)
 def _expected_shapes(model_json: str) -> Dict[str, Shape]:
   """The spine's variable shapes for a ``config.model`` (as JSON)."""
-  from msrcnn_jax.modeling import build  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict()
   config.model = ml_collections.ConfigDict(json.loads(model_json))
-  return {k: tuple(v.shape) for k, v in
-          build.flatten(build.variable_shapes(config)).items()}
+  return variables_lib.shapes(build.variable_shapes(config))
 
 
 # ---------------------------------------------------------------- renaming
@@ -195,22 +196,63 @@ def _layout_shape(path: str, shape: Shape) -> Shape:
 # -------------------------------------------------------------- diagnosis
 
 
-def detect_v1_layout(shapes: Mapping[str, Shape]) -> Optional[str]:
-  """A description of why ``shapes`` look like a v1.x model, else None."""
+_CLASS_ROWS = {  # key: (rows per class, extra rows) in a v2 model
+    'roi_head.bbox_head.fc_cls.weight': (1, 1),       # + background
+    'roi_head.bbox_head.fc_reg.weight': (4, 0),       # class-specific boxes
+    'roi_head.mask_head.conv_logits.weight': (1, 0),
+    'roi_head.mask_iou_head.fc_mask_iou.weight': (1, 0),
+}
+
+
+def checkpoint_num_classes(shapes: Mapping[str, Shape]) -> Dict[str, int]:
+  """The class count each class-dependent head layer implies (v2 layout).
+
+  Returns:
+    ``{key: num_classes}`` for the keys of ``_CLASS_ROWS`` present, e.g.
+    fc_cls with 82 rows -> 81 (background is the last row in v2).
+  """
+  out = {}
+  for key, (per, extra) in _CLASS_ROWS.items():
+    if key in shapes and len(shapes[key]) and (shapes[key][0] - extra) % per \
+        == 0:
+      out[key] = (shapes[key][0] - extra) // per
+  return out
+
+
+def detect_v1_layout(shapes: Mapping[str, Shape],
+                     meta: Any = None) -> Optional[str]:
+  """Why a checkpoint is an mmdetection v1.x model, or None if it is not.
+
+  From keys and metadata, never from a class count alone (a v2 model
+  fine-tuned on 81 classes has 81-way heads too): top-level
+  ``bbox_head.*`` / ``mask_head.*`` / ``mask_iou_head.*`` keys (v1 layout);
+  ``meta['mmdet_version']`` below 2; or mmdetection's
+  ``upgrade_model_version.py`` output, whose ``fc_mask_iou`` it leaves with
+  the v1 background row (as many rows as ``fc_cls``, one more than
+  ``conv_logits``).
+
+  Args:
+    shapes: ``{key: shape}`` without a ``module.`` prefix.
+    meta: the checkpoint's ``meta`` dict, if any.
+  """
   top = sorted({k.split('.')[0] for k in shapes
                 if k.split('.')[0] in ('bbox_head', 'mask_head',
                                        'mask_iou_head')})
   if top:
     return f"top-level {', '.join(t + '.*' for t in top)} keys without the " \
            "'roi_head.' prefix"
-  checks = (('roi_head.bbox_head.fc_reg.weight', 324, '324-way fc_reg'),
-            ('roi_head.mask_head.conv_logits.weight', 81,
-             '81-way conv_logits'),
-            ('roi_head.mask_iou_head.fc_mask_iou.weight', 81,
-             '81-way fc_mask_iou (upgrade_model_version.py leaves it 81-way)'))
-  for key, n, why in checks:
-    if key in shapes and len(shapes[key]) and shapes[key][0] == n:
-      return why
+  version = meta.get('mmdet_version') if isinstance(meta, Mapping) else None
+  major = re.match(r'\s*(\d+)\.', str(version)) if version else None
+  if major and int(major.group(1)) < 2:
+    return f"meta mmdet_version {version!r}"
+  rows = {k: s[0] for k, s in shapes.items() if k in _CLASS_ROWS and len(s)}
+  cls = rows.get('roi_head.bbox_head.fc_cls.weight')
+  iou = rows.get('roi_head.mask_iou_head.fc_mask_iou.weight')
+  logits = rows.get('roi_head.mask_head.conv_logits.weight')
+  if iou is not None and iou == cls and (logits is None or logits == iou - 1):
+    return (f'{iou}-way fc_mask_iou beside {cls}-row fc_cls: '
+            'upgrade_model_version.py leaves fc_mask_iou with its v1 '
+            'background row')
   return None
 
 
@@ -255,21 +297,45 @@ def _describe(arch: Mapping[str, Any]) -> str:
   return s + f", base_channels {arch.get('base_channels', '?')}"
 
 
+def _class_count_note(shapes: Mapping[str, Shape], config,
+                      meta: Any = None) -> List[str]:
+  """The checkpoint-vs-config class-count difference, if any."""
+  per_key = checkpoint_num_classes(shapes)
+  m = config.model if hasattr(config, 'model') else config
+  want = int(m.num_classes)
+  counts = sorted(set(per_key.values()))
+  if not counts or counts == [want]:
+    return []
+  rows = ', '.join(f'{k.split(".")[-2]} {shapes[k][0]}' for k in per_key)
+  names = meta.get('CLASSES') if isinstance(meta, Mapping) else None
+  named = (f'; meta CLASSES lists {len(names)} names'
+           if isinstance(names, (list, tuple)) else '')
+  got = ' / '.join(map(str, counts))
+  return [f'checkpoint/config mismatch: the checkpoint\'s heads are for {got} '
+          f'classes ({rows} rows{named}) but the config builds heads for '
+          f'{want} classes. Convert it with a config of {got} classes (to '
+          'fine-tune on another class count, start training from that '
+          'conversion).']
+
+
 def diagnose_mismatch(shapes: Mapping[str, Shape], config,
-                      prefix: str = 'backbone.') -> List[str]:
-  """Human-readable checkpoint-vs-config differences (empty if none seen)."""
+                      prefix: str = 'backbone.', meta: Any = None
+                      ) -> List[str]:
+  """Human-readable checkpoint-vs-config differences (empty if none seen):
+  backbone/neck/head widths, then the class count."""
   got = infer_architecture(shapes, prefix)
   want = _config_architecture(config)
   diffs = [k for k in ('depth', 'layer3_blocks', 'groups', 'base_channels',
                        'fpn_channels', 'fc_out_channels')
            if k in got and got[k] != want[k]]
+  notes = _class_count_note(shapes, config, meta)
   if not diffs:
-    return []
+    return notes
   return [f'checkpoint/config mismatch: the checkpoint is {_describe(got)} '
           f'but the config builds {_describe(want)}; differing: ' +
           ', '.join(f'{k} {got[k]} (checkpoint) vs {want[k]} (config)'
                     for k in diffs) + '. Use the config that matches the '
-          'checkpoint.']
+          'checkpoint.'] + notes
 
 
 def parse_meta_backbone(meta: Any) -> Dict[str, Any]:
@@ -370,7 +436,7 @@ def plan_conversion(shapes: Mapping[str, Sequence[int]], config, *,
   shapes = {k: tuple(int(d) for d in s) for k, s in shapes.items()}
   why = None if backbone_only else detect_v1_layout(
       {(k[7:] if k.startswith('module.') else k): s
-       for k, s in shapes.items()})
+       for k, s in shapes.items()}, meta)
   if why:
     raise ConversionError(V1_MESSAGE.format(why=why) +
                           (f' (file: {source})' if source else ''))
@@ -405,7 +471,7 @@ def plan_conversion(shapes: Mapping[str, Sequence[int]], config, *,
   report.missing = missing
   if not report.ok:
     report.notes.extend(diagnose_mismatch(
-        {k: shapes[o] for k, o in keys.items()}, config))
+        {k: shapes[o] for k, o in keys.items()}, config, meta=meta))
   if meta is not None and not backbone_only:
     report.notes.extend(check_meta(meta, config))
   return report
@@ -442,7 +508,8 @@ def convert_state_dict(state_dict: Mapping[str, Any], config, *,
   if not report.ok or mismatch:
     raise ConversionError(
         'checkpoint does not match the model' +
-        (f' ({source})' if source else ''), report)
+        (f' ({source})' if source else '') +
+        (f': {mismatch[0]}' if mismatch else ''), report)
   variables: Dict[str, Any] = {}
   for orig, path, _, _ in report.mapped:
     _set(variables, path,

@@ -8,6 +8,13 @@ cv2.IMREAD_COLOR)``. ``IMREAD_COLOR`` means: always 3 channels BGR uint8
 OpenCV) and the EXIF orientation applied. We call the same decoder, so the
 pixels are the same; what we add is a clear error where mmcv would hand on
 ``None``.
+
+mmdetection does not compare the decoded size with the annotation file's
+``width``/``height``, so a JPEG whose EXIF orientation turns it (stored
+128x96, displayed 96x128) trains on annotations that do not fit its pixels.
+detectron2 raises ``SizeMismatchError`` when it decodes such an image;
+``displayed_size`` lets the data sources refuse it before any work, from the
+file header (``coco.check_image_files``).
 """
 
 from __future__ import annotations
@@ -18,8 +25,10 @@ from typing import Any, Mapping
 import cv2
 import numpy as np
 
+from msrcnn_jax.errors import UserError
 
-class ImageReadError(IOError):
+
+class ImageReadError(UserError, IOError):
   """A file (or byte string) that could not be decoded as an image."""
 
 
@@ -74,6 +83,73 @@ def imread(path: str | os.PathLike) -> np.ndarray:
   except OSError as e:
     raise ImageReadError(f'cannot read image file {path}: {e}') from e
   return imfrombytes(content, name=path)
+
+
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # rotate by 90 or 270 degrees
+
+
+def displayed_size(path: str) -> tuple[tuple[int, int], tuple[int, int],
+                                       int] | None:
+  """The size ``imread`` gives a file, read from its header (no decoding).
+
+  OpenCV's ``IMREAD_COLOR`` applies the EXIF orientation of JPEG, PNG,
+  WebP and TIFF files; orientations 5-8 swap height and width.
+
+  Args:
+    path: an image file.
+
+  Returns:
+    ``((height, width) displayed, (height, width) stored, EXIF orientation
+    (1 when absent))``, or None when Pillow cannot read the header (the
+    size is then checked when the image is decoded).
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(path) as im:
+      tags = getattr(im, 'tag_v2', None)  # TIFF: the stored size is in tags
+      if tags is not None and 256 in tags and 257 in tags:
+        w, h = int(tags[256]), int(tags[257])
+        orientation = tags.get(_EXIF_ORIENTATION, 1)
+      else:
+        w, h = im.size
+        # The EXIF block the header holds (JPEG APP1, PNG eXIf before IDAT,
+        # WebP); im.getexif() would decode a whole PNG to look further.
+        exif = Image.Exif()
+        if im.info.get('exif'):
+          exif.load(im.info['exif'])
+        orientation = exif.get(_EXIF_ORIENTATION, 1)
+      orientation = int(orientation or 1)
+  except Exception:  # pylint: disable=broad-except  # not for Pillow
+    return None
+  shown = (w, h) if orientation in _TRANSPOSING_ORIENTATIONS else (h, w)
+  return shown, (h, w), orientation
+
+
+def size_mismatch_message(name: str, expected_hw, shown_hw,
+                          stored_hw=None, orientation: int = 1) -> str:
+  """One line saying that a file does not have its annotated size.
+
+  Args:
+    name: the file and the image id, as the message should name them.
+    expected_hw: (height, width) from the annotation file.
+    shown_hw: (height, width) the decoder gives (EXIF orientation applied).
+    stored_hw: (height, width) of the stored pixels, when known.
+    orientation: the file's EXIF orientation (1 = none).
+  """
+  wh = lambda hw: f'{int(hw[1])}x{int(hw[0])}'
+  msg = (f'{name}: the annotation file gives width x height '
+         f'{wh(expected_hw)} but the image decodes to {wh(shown_hw)}')
+  if (orientation in _TRANSPOSING_ORIENTATIONS and stored_hw is not None
+      and tuple(expected_hw) == tuple(stored_hw)):
+    msg += (f' because its EXIF Orientation={orientation} rotates the stored '
+            f'{wh(stored_hw)} pixels (OpenCV and mmcv apply it; the tool '
+            'that wrote the annotations did not). Rotate the pixels and drop '
+            'the tag (e.g. PIL.ImageOps.exif_transpose) or annotate the '
+            'displayed image')
+  else:
+    msg += '; fix the width/height (and the annotations) in the file'
+  return msg
 
 
 def load_record_image(record: Mapping[str, Any]) -> np.ndarray:

@@ -14,7 +14,9 @@ same data, and every batch has one static image shape. Flips are drawn per
 
 Eval: images in source order, grouped by bucket, cut into global batches of
 ``B * P``; the last batch of a bucket is padded with copies of its first
-image marked ``valid = False``.
+image marked ``valid = False`` (``eval_plan``, also what ``predict`` uses).
+With ``cfg.data.eval_num_buckets = N`` the evaluation buckets are N shapes
+chosen from the split's own size histogram (``buckets_from_sizes``).
 
 Decoding and transforms run on a thread pool of ``cfg.data.num_workers``
 threads (cv2 and pycocotools release the GIL for the heavy parts) with
@@ -33,6 +35,7 @@ import numpy as np
 from msrcnn_jax.data import coco as coco_lib
 from msrcnn_jax.data import image_io
 from msrcnn_jax.data import transforms
+from msrcnn_jax.errors import ConfigError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +71,8 @@ def build_source(cfg, train: bool, split: str | None = None):
                                    name=d.get('tfds_name',
                                               'coco_instance_masks'),
                                    min_size=min_size)
-  raise ValueError(f'unknown cfg.data.source {d.source!r}')
+  raise ConfigError(f'unknown config.data.source {d.source!r}; expected '
+                    'coco, tfds or synthetic')
 
 
 def image_sizes(source) -> np.ndarray:
@@ -92,20 +96,135 @@ def _hosts(process_index, process_count):
   return int(process_index), int(process_count)
 
 
-def _bucket_ids(sizes: np.ndarray, data_cfg) -> np.ndarray:
-  buckets = [tuple(int(v) for v in b) for b in data_cfg.buckets]
-  return np.array([buckets.index(transforms.bucket_for_size(h, w, data_cfg))
-                   for h, w in sizes], np.int64)
+def padded_sizes(sizes: np.ndarray, data_cfg) -> np.ndarray:
+  """``(N, 2)`` (h, w) of original sizes after the test resize and the pad
+  to ``size_divisor`` (the network input before bucket padding)."""
+  out = []
+  for h, w in np.asarray(sizes).reshape(-1, 2):
+    new_w, new_h = transforms.rescale_size(int(w), int(h), data_cfg.img_scale)
+    out.append(transforms.padded_size(new_h, new_w, data_cfg.size_divisor))
+  return np.asarray(out, np.int64).reshape(-1, 2)
+
+
+def bucket_ids(pad_sizes: np.ndarray, buckets) -> np.ndarray:
+  """``(N,)`` index into ``buckets`` of ``transforms.choose_bucket`` of each
+  padded size (the smallest-area bucket that fits).
+
+  Raises:
+    ValueError: no bucket fits a size.
+  """
+  buckets = [tuple(int(v) for v in b) for b in buckets]
+  return np.array([buckets.index(transforms.choose_bucket(hw, buckets))
+                   for hw in np.asarray(pad_sizes).reshape(-1, 2)], np.int64)
+
+
+def _bucket_cost(pad_sizes, counts, buckets) -> tuple[float, bool]:
+  """(pixels of every image in its smallest fitting bucket, all fit)."""
+  b = np.asarray(buckets, np.int64).reshape(-1, 2)
+  fits = ((b[None, :, 0] >= pad_sizes[:, None, 0])
+          & (b[None, :, 1] >= pad_sizes[:, None, 1]))
+  area = np.where(fits, (b[:, 0] * b[:, 1])[None], np.iinfo(np.int64).max)
+  best = area.min(1)
+  ok = bool(fits.any(1).all())
+  return float((best.astype(np.float64) * counts).sum()) if ok else np.inf, ok
+
+
+def buckets_from_sizes(pad_sizes: np.ndarray, num_buckets: int
+                       ) -> tuple[tuple[int, int], ...]:
+  """Bucket shapes that follow a dataset's size histogram.
+
+  Chooses ``num_buckets`` shapes ``(h, w)``, h among the dataset's padded
+  heights and w among its padded widths (an optimal bucket is always such a
+  pair), that minimise the total padded pixels when each image runs in its
+  smallest fitting bucket: greedy additions starting from the shape that
+  covers every image, then single swaps until none helps (a local optimum).
+
+  Args:
+    pad_sizes: ``(N, 2)`` padded (h, w) (``padded_sizes``).
+    num_buckets: number of compiled shapes wanted (>= 1).
+
+  Returns:
+    Up to ``num_buckets`` (H, W), sorted by area (fewer when the data has
+    fewer distinct sizes).
+  """
+  if num_buckets < 1:
+    raise ValueError(f'num_buckets must be >= 1, got {num_buckets}')
+  sizes, counts = np.unique(np.asarray(pad_sizes, np.int64).reshape(-1, 2),
+                            axis=0, return_counts=True)
+  cover = (int(sizes[:, 0].max()), int(sizes[:, 1].max()))
+  # A bucket is best at the largest height and the largest width of the
+  # images it runs: some (h, w) pair of heights and widths of the data.
+  cands = [(int(h), int(w)) for h in np.unique(sizes[:, 0])
+           for w in np.unique(sizes[:, 1])]
+  chosen = [cover]
+
+  def cost(bs):
+    return _bucket_cost(sizes, counts, bs)[0]
+
+  while len(chosen) < min(num_buckets, len(cands)):
+    best = min((c for c in cands if c not in chosen),
+               key=lambda c: cost(chosen + [c]))
+    chosen.append(best)
+  improved = True
+  while improved:
+    improved = False
+    current = cost(chosen)
+    for i in range(len(chosen)):
+      for c in cands:
+        if c in chosen:
+          continue
+        trial = chosen[:i] + [c] + chosen[i + 1:]
+        if cost(trial) < current:
+          chosen, current, improved = trial, cost(trial), True
+  # Drop shapes no image uses.
+  used = set(bucket_ids(sizes, chosen).tolist())
+  chosen = [b for i, b in enumerate(chosen) if i in used]
+  return tuple(sorted(chosen, key=lambda b: (b[0] * b[1], b)))
+
+
+def padding_overhead(pad_sizes: np.ndarray, buckets) -> float:
+  """Extra pixels computed in ``buckets`` over the padded sizes themselves
+  (what mmdetection computes at batch size 1), as a fraction: 0.1 = 10%.
+
+  Raises:
+    ValueError: no bucket fits a size.
+  """
+  sizes = np.asarray(pad_sizes, np.int64).reshape(-1, 2)
+  total, ok = _bucket_cost(sizes, np.ones(len(sizes)), buckets)
+  if not ok:
+    raise ValueError(f'a padded size of {sizes.tolist()} fits no bucket of '
+                     f'{list(buckets)}')
+  return total / float((sizes[:, 0] * sizes[:, 1]).sum()) - 1.
+
+
+def eval_buckets(data_cfg, pad_sizes: np.ndarray):
+  """The evaluation buckets: ``cfg.data.buckets``, or with
+  ``cfg.data.eval_num_buckets > 0`` that many chosen from the data
+  (``buckets_from_sizes``). Logs the padded-pixel overhead of both."""
+  n = int(data_cfg.get('eval_num_buckets', 0))
+  buckets = tuple(tuple(int(v) for v in b) for b in data_cfg.buckets)
+  if n > 0 and len(pad_sizes):
+    chosen = buckets_from_sizes(pad_sizes, n)
+    try:
+      configured = f'{100 * padding_overhead(pad_sizes, buckets):.1f}%'
+    except ValueError:
+      configured = 'some images fit none'
+    logger.info('evaluation buckets %s from the data: %.1f%% padded pixels '
+                '(cfg.data.buckets %s: %s)', chosen,
+                100 * padding_overhead(pad_sizes, chosen), buckets,
+                configured)
+    return chosen
+  return buckets
 
 
 # -------------------------------------------------------------- examples
 def _load_image(rec) -> np.ndarray:
   img = image_io.load_record_image(rec)
-  if img.shape[:2] != (int(rec['height']), int(rec['width'])):
-    raise ValueError(
-        f'image {rec.get("path") or rec.get("file_name")} decodes to '
-        f'{img.shape[:2]} but its annotation says (h, w) = '
-        f'({rec["height"]}, {rec["width"]}) (EXIF rotation?)')
+  expected = (int(rec['height']), int(rec['width']))
+  if img.shape[:2] != expected:  # sources check headers; this is the rest
+    raise image_io.ImageReadError(image_io.size_mismatch_message(
+        f'{rec.get("path") or rec.get("file_name")} (image '
+        f'{rec.get("image_id")})', expected, img.shape[:2]))
   return img
 
 
@@ -196,7 +315,7 @@ class TrainPlan:
     self.global_batch = int(global_batch)
     self.seed = int(seed)
     if len(self.bucket_ids) == 0:
-      raise ValueError('the training source has no images')
+      raise UserError('the training source has no images')
     self.buckets = sorted(set(self.bucket_ids.tolist()))
     counts = [int((self.bucket_ids == b).sum()) for b in self.buckets]
     self.steps_per_epoch = sum(-(-c // self.global_batch) for c in counts)
@@ -238,8 +357,9 @@ class TrainIterator:
   Attributes:
     step: the step of the next batch.
     steps_per_epoch: global batches per epoch.
-    truncated_images: images seen so far with more than max_instances
-      instances (only the first max_instances were kept).
+    truncated_images: distinct images seen so far with more than
+      max_instances instances (only the first max_instances were kept);
+      each is counted once however often it is drawn.
   """
 
   def __init__(self, cfg, source, batch_size_per_host: int, seed: int,
@@ -250,20 +370,26 @@ class TrainIterator:
     self.process_index, self.process_count = process_index, process_count
     self.seed = int(seed)
     self.buckets = [tuple(int(v) for v in b) for b in cfg.data.buckets]
-    self.plan = TrainPlan(_bucket_ids(image_sizes(source), cfg.data),
+    self.plan = TrainPlan(bucket_ids(padded_sizes(image_sizes(source),
+                                                  cfg.data), self.buckets),
                           self.batch_size * process_count, seed)
     self.steps_per_epoch = self.plan.steps_per_epoch
     self.step = int(start_step)
     self.truncated_images = 0
+    self._truncated: set[int] = set()  # record indices
     self._warned = 0
     self._prefetch = _Prefetcher(
         self._jobs, self.step, None, int(cfg.data.get('num_workers', 0)),
         int(cfg.data.get('prefetch', 1)))
 
-  def _jobs(self, step: int):
+  def _mine(self, step: int) -> tuple[int, int, np.ndarray]:
+    """(epoch, bucket, this host's record indices) of a step."""
     epoch, b, idx = self.plan.batch(step)
     lo = self.process_index * self.batch_size
-    mine = idx[lo:lo + self.batch_size]
+    return epoch, b, idx[lo:lo + self.batch_size]
+
+  def _jobs(self, step: int):
+    epoch, b, mine = self._mine(step)
     ratio = float(self.data_cfg.flip_ratio)
     return [
         (lambda i=int(i): train_example(
@@ -276,16 +402,20 @@ class TrainIterator:
 
   def __next__(self) -> dict[str, np.ndarray]:
     results = self._prefetch.next_results()
+    _, _, mine = self._mine(self.step)
     self.step += 1
-    n_trunc = sum(t for _, t in results)
-    if n_trunc:
-      self.truncated_images += n_trunc
+    new = {int(i) for i, (_, t) in zip(mine, results) if t} - self._truncated
+    if new:
+      self._truncated |= new
+      self.truncated_images = len(self._truncated)
       if self.truncated_images >= 2 * self._warned:
         self._warned = self.truncated_images
         logger.warning(
-            '%d training images so far had more than max_instances=%d '
-            'instances; only the first %d were kept',
-            self.truncated_images, self.data_cfg.max_instances,
+            '%d distinct training image(s) so far have more than '
+            'max_instances=%d instances (latest: image %s); only the '
+            'first %d are kept', self.truncated_images,
+            self.data_cfg.max_instances,
+            ', '.join(str(self.source[i]['image_id']) for i in sorted(new)),
             self.data_cfg.max_instances)
     return _stack([e for e, _ in results], TRAIN_KEYS)
 
@@ -333,8 +463,8 @@ def make_train_iterator(cfg, source=None,
   if batch_size_per_host is None:
     global_batch = int(cfg.train.global_batch_size)
     if global_batch % n:
-      raise ValueError(f'global batch {global_batch} is not divisible by '
-                       f'{n} hosts')
+      raise ConfigError(f'config.train.global_batch_size={global_batch} is '
+                        f'not divisible by the {n} hosts')
     batch_size_per_host = global_batch // n
   if seed is None:
     seed = int(cfg.get('seed', 0))
@@ -365,8 +495,9 @@ class EvalIterator:
     self.source = source
     self.batch_size = int(batch_size_per_host)
     self.process_index = process_index
-    self.buckets = [tuple(int(v) for v in b) for b in cfg.data.buckets]
-    ids = _bucket_ids(image_sizes(source), cfg.data)
+    pads = padded_sizes(image_sizes(source), cfg.data)
+    self.buckets = list(eval_buckets(cfg.data, pads))
+    ids = bucket_ids(pads, self.buckets)
     self.plan = eval_plan(ids, self.batch_size * process_count)
     self.num_steps = len(self.plan)
     self.num_images = len(ids)

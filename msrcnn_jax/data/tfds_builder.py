@@ -9,8 +9,12 @@ bytes* unchanged (decoded later with cv2 exactly as mmdetection does, see
 ``area``, ``category_id``, ``label`` (index in the sorted category ids),
 ``is_crowd``, ``ignore`` and the instance mask as a compressed COCO RLE
 string (polygons are converted with pycocotools ``frPyObjects`` + ``merge``,
-the same bitmaps ``annToMask`` gives). mmdetection's filtering is applied
-when reading (``TfdsSource``), by ``coco.parse_annotations``.
+the same bitmaps ``annToMask`` gives). The annotation file is read with
+``coco.load_coco`` (invalid polygon parts dropped, missing areas computed,
+malformed files refused) and the image files checked with
+``coco.check_image_files`` before the first example; mmdetection's
+filtering is applied when reading (``TfdsSource``), by
+``coco.parse_annotations``.
 
 TensorFlow / tensorflow_datasets are imported lazily (the ``tfds`` extra):
 ``CocoInstanceMasks`` is created on first access.
@@ -36,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from msrcnn_jax.data import coco as coco_lib
+from msrcnn_jax.errors import UserError
 
 NAME = 'coco_instance_masks'
 VERSION = '1.0.0'
@@ -43,17 +48,8 @@ FILE_FORMAT = 'array_record'  # random access for the pipeline
 
 
 def _segmentation_rle(seg: Any, height: int, width: int) -> bytes:
-  """Compressed RLE counts of any COCO segmentation (b'' when absent)."""
-  from pycocotools import mask as mask_utils  # pylint: disable=g-import-not-at-top
-  if seg is None or (isinstance(seg, list) and not seg):
-    return b''
-  if isinstance(seg, list):
-    rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
-  elif isinstance(seg.get('counts'), list):
-    rle = mask_utils.frPyObjects(seg, height, width)
-  else:
-    rle = dict(seg)
-  counts = rle['counts']
+  """Compressed RLE counts of a (cleaned) COCO segmentation."""
+  counts = coco_lib.segmentation_to_rle(seg, height, width)['counts']
   return counts.encode('ascii') if isinstance(counts, str) else counts
 
 
@@ -110,7 +106,7 @@ def _builder_class():
       manual_dir = os.fspath(dl_manager.manual_dir)
       splits = coco_splits(manual_dir)
       if not splits:
-        raise FileNotFoundError(
+        raise coco_lib.CocoFormatError(
             f'no annotations/instances_<split>.json under {manual_dir}')
       cats = None
       for s in splits:
@@ -122,9 +118,12 @@ def _builder_class():
       return {s: self._generate_examples(manual_dir, s) for s in splits}
 
     def _generate_examples(self, manual_dir, split):
-      from pycocotools.coco import COCO  # pylint: disable=g-import-not-at-top
       ann_file = coco_lib.annotation_file(manual_dir, split)
-      coco = COCO(ann_file)
+      coco = coco_lib.load_coco(ann_file)
+      coco_lib.check_image_files(
+          [dict(image_id=i, height=im['height'], width=im['width'],
+                path=os.path.join(manual_dir, split, im['file_name']))
+           for i, im in coco.imgs.items()], ann_file)
       cat_ids = sorted(coco.getCatIds())
       cat2label = {c: i for i, c in enumerate(cat_ids)}
       for img_id in coco.getImgIds():
@@ -137,12 +136,12 @@ def _builder_class():
         for ann in coco.loadAnns(coco.getAnnIds(imgIds=[img_id])):
           objects.append(dict(
               bbox=np.asarray(ann['bbox'], np.float64),
-              area=float(ann.get('area', 0.0)),
+              area=float(ann['area']),
               category_id=int(ann['category_id']),
               label=int(cat2label.get(ann['category_id'], -1)),
               is_crowd=bool(ann.get('iscrowd', 0)),
               ignore=bool(ann.get('ignore', False)),
-              mask_rle=_segmentation_rle(ann.get('segmentation'), h, w)))
+              mask_rle=_segmentation_rle(ann['segmentation'], h, w)))
         yield int(img_id), dict(
             image_id=int(img_id), file_name=info['file_name'],
             image_bytes=content, height=h, width=w, objects=objects)
@@ -207,14 +206,14 @@ class TfdsSource:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     cls = _builder_class()
     if name != NAME:
-      raise ValueError(f'unknown TFDS dataset {name!r}; expected {NAME!r}')
+      raise UserError(f'unknown TFDS dataset {name!r}; expected {NAME!r}')
     if not data_dir or not os.path.isdir(os.path.join(data_dir, NAME)):
-      raise FileNotFoundError(
+      raise UserError(
           f'no prepared {NAME} dataset under data_dir={data_dir!r}; build it '
           'with msrcnn_jax.data.tfds_builder.prepare(coco_dir, data_dir)')
     self.builder = cls(data_dir=data_dir)
     if split not in self.builder.info.splits:
-      raise ValueError(
+      raise UserError(
           f'split {split!r} not in {list(self.builder.info.splits)}')
     cats = self.builder.info.metadata.get('categories', [])
     self.cat_ids = tuple(int(c['id']) for c in cats)
@@ -246,6 +245,10 @@ class TfdsSource:
           image_id=int(ex['image_id']), file_name=fname,
           path=None, height=h, width=w, boxes=boxes, labels=labels,
           segmentations=segs, _index=i))
+    if train:
+      coco_lib.check_trainable(self.records, self.coco,
+                               f'{NAME} split {split!r} in {data_dir}',
+                               min_size)
 
   @property
   def coco(self):

@@ -21,6 +21,8 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 
+from msrcnn_jax.errors import ConfigError
+
 
 # --------------------------------------------------------------- geometry
 def rescale_size(w: int, h: int,
@@ -59,13 +61,13 @@ def choose_bucket(pad_hw: Sequence[int],
     buckets: candidate ``(H, W)`` shapes (cfg.data.buckets).
 
   Raises:
-    ValueError: no bucket fits.
+    ConfigError: no bucket fits (a ValueError).
   """
   h, w = int(pad_hw[0]), int(pad_hw[1])
   fits = [(int(bh) * int(bw), i) for i, (bh, bw) in enumerate(buckets)
           if bh >= h and bw >= w]
   if not fits:
-    raise ValueError(
+    raise ConfigError(
         f'no bucket in {list(map(tuple, buckets))} fits a padded image of '
         f'(h, w) = ({h}, {w}); add a larger bucket to cfg.data.buckets')
   bh, bw = buckets[min(fits)[1]]

@@ -8,6 +8,7 @@ block 0, ``downsample_0`` (1x1 conv) / ``downsample_1`` (BN).
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, List, Sequence
 
 import flax.linen as nn
@@ -19,6 +20,7 @@ from msrcnn_jax.ops import padding
 
 STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 EXPANSION = 4
+_LAYER_RE = re.compile(r'^layer(\d+)_\d+$')
 
 
 def bottleneck_width(planes: int, groups: int, base_width: int,
@@ -151,6 +153,16 @@ class ResNet(nn.Module):
     # Lists assigned in setup are named layer1_0, layer1_1, ...
     self.layer1, self.layer2, self.layer3, self.layer4 = stages
 
+  @staticmethod
+  def stage_of(name: str) -> int | None:
+    """The stage of a top-level parameter scope, for ``frozen_stages``
+    (mmdet ``ResNet._freeze_stages``): 0 for the stem (``conv1``, ``bn1``),
+    i for the blocks ``layer{i}_*``."""
+    if name in ('conv1', 'bn1'):
+      return 0
+    found = _LAYER_RE.match(name)
+    return int(found.group(1)) if found else None
+
   def __call__(self, x: jnp.ndarray,
                valid_hw: jnp.ndarray) -> List[jnp.ndarray]:
     """Computes C2..C5.
@@ -197,3 +209,17 @@ class ResNet(nn.Module):
         y = jax.lax.stop_gradient(y)
       outs.append(y)
     return outs
+
+
+def resnet_from_config(cfg, dtype: Any = jnp.float32) -> ResNet:
+  """The ResNet/ResNeXt of ``config.model.backbone``.
+
+  Any backbone is a function ``(config.model.backbone, dtype) -> module``
+  whose module maps ``(images (B, H, W, 3), pad_shape (B, 2))`` to
+  ``[C2, C3, C4, C5]`` and has ``stage_of(name)`` (see ``ResNet.stage_of``);
+  ``modeling/build.py`` passes it to the detector.
+  """
+  return ResNet(depth=cfg.depth, style=cfg.style, groups=cfg.groups,
+                base_width=cfg.base_width, base_channels=cfg.base_channels,
+                frozen_stages=cfg.frozen_stages, bn_eps=cfg.bn_eps,
+                dtype=dtype, zero_init_residual=cfg.zero_init_residual)

@@ -19,14 +19,14 @@ padding leaves them).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from msrcnn_jax.modeling.backbone import ResNet
+from msrcnn_jax.modeling.backbone import resnet_from_config
 from msrcnn_jax.modeling.fpn import FPN
 from msrcnn_jax.modeling.roi_heads import MaskScoringRoIHead
 from msrcnn_jax.modeling.rpn import RPN
@@ -39,18 +39,16 @@ class MaskScoringRCNN(nn.Module):
     config: the full config (``model``, ``test`` and ``train`` are read).
     dtype: compute dtype of the convolutions and dense layers (parameters
       stay float32; box decoding, NMS and losses always run in float32).
+    backbone_fn: ``(config.model.backbone, dtype) -> module`` giving
+      C2..C5 (``backbone.resnet_from_config``).
   """
   config: ml_collections.ConfigDict
   dtype: Any = jnp.float32
+  backbone_fn: Callable[..., nn.Module] = resnet_from_config
 
   def setup(self):
     m, c = self.config.model, self.config
-    b = m.backbone
-    self.backbone = ResNet(
-        depth=b.depth, style=b.style, groups=b.groups,
-        base_width=b.base_width, base_channels=b.base_channels,
-        frozen_stages=b.frozen_stages, bn_eps=b.bn_eps, dtype=self.dtype,
-        zero_init_residual=b.get('zero_init_residual', False))
+    self.backbone = self.backbone_fn(m.backbone, self.dtype)
     self.neck = FPN(in_channels=tuple(m.neck.in_channels),
                     out_channels=m.neck.out_channels,
                     num_outs=m.neck.num_outs, dtype=self.dtype)
@@ -60,7 +58,7 @@ class MaskScoringRCNN(nn.Module):
                         test_cfg=None if test is None else test.rpn,
                         dtype=self.dtype)
     self.roi_head = MaskScoringRoIHead(
-        m.roi_head, train_cfg=train,
+        m.roi_head, num_classes=m.num_classes, train_cfg=train,
         test_cfg=None if test is None else test.rcnn, dtype=self.dtype)
 
   def features(self, images: jnp.ndarray, pad_shape: jnp.ndarray):

@@ -134,6 +134,7 @@ class MaskScoringRoIHead(nn.Module):
     config: ``config.model.roi_head`` (the heads, the RoI extractors'
       ``output_size``, ``featmap_strides``, ``finest_scale``,
       ``roi_align_max_samples``).
+    num_classes: ``config.model.num_classes``, read by all three heads.
     train_cfg: ``config.train`` (``rcnn`` assigner/sampler/mask settings,
       ``loss_weights``); needed for training only.
     test_cfg: ``config.test.rcnn`` (``score_thr``, ``iou_threshold``,
@@ -142,6 +143,7 @@ class MaskScoringRoIHead(nn.Module):
       always run in float32).
   """
   config: ml_collections.ConfigDict
+  num_classes: int = 80
   train_cfg: ml_collections.ConfigDict | None = None
   test_cfg: ml_collections.ConfigDict | None = None
   dtype: Any = jnp.float32
@@ -150,17 +152,17 @@ class MaskScoringRoIHead(nn.Module):
     c = self.config
     self.bbox_head = box_head_lib.Shared2FCBBoxHead(
         fc_out_channels=c.bbox_head.fc_out_channels,
-        num_classes=c.bbox_head.num_classes, dtype=self.dtype)
+        num_classes=self.num_classes, dtype=self.dtype)
     self.mask_head = mask_head_lib.FCNMaskHead(
         num_convs=c.mask_head.num_convs,
         conv_out_channels=c.mask_head.conv_out_channels,
-        num_classes=c.mask_head.num_classes, dtype=self.dtype)
+        num_classes=self.num_classes, dtype=self.dtype)
     self.mask_iou_head = maskiou_head_lib.MaskIoUHead(
         num_convs=c.mask_iou_head.num_convs,
         num_fcs=c.mask_iou_head.num_fcs,
         conv_out_channels=c.mask_iou_head.conv_out_channels,
         fc_out_channels=c.mask_iou_head.fc_out_channels,
-        num_classes=c.mask_iou_head.num_classes, dtype=self.dtype)
+        num_classes=self.num_classes, dtype=self.dtype)
 
   def __call__(self, feats: Sequence[jnp.ndarray], proposals: dict,
                img_shape: jnp.ndarray, pad_shape: jnp.ndarray,
@@ -300,7 +302,7 @@ class MaskScoringRoIHead(nn.Module):
           p, pv, gb, gl, gv, rng=key, sampled=smp,
           pos_iou_thr=rc.pos_iou_thr, neg_iou_thr=rc.neg_iou_thr,
           min_pos_iou=rc.min_pos_iou, num_samples=rc.num_samples,
-          pos_fraction=rc.pos_fraction, num_classes=box_cfg.num_classes,
+          pos_fraction=rc.pos_fraction, num_classes=self.num_classes,
           target_stds=tuple(box_cfg.target_stds))
     return jax.vmap(one)(proposals['boxes'], proposals['valid'], gt['boxes'],
                          gt['labels'], gt['valid'],
@@ -314,7 +316,7 @@ class MaskScoringRoIHead(nn.Module):
     loss = box_head_lib.rcnn_loss(
         cls_logits, deltas, samples['labels'], samples['label_weights'],
         samples['bbox_targets'], samples['bbox_weights'],
-        c.bbox_head.num_classes)
+        self.num_classes)
     return dict(loss_cls=lw.cls * loss['loss_cls'],
                 loss_bbox=lw.bbox * loss['loss_bbox'], rcnn_acc=loss['acc'])
 

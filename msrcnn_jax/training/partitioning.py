@@ -21,6 +21,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from msrcnn_jax.errors import ConfigError
+
 PyTree = Any
 DATA_AXIS = 'data'
 
@@ -129,12 +131,12 @@ def check_batch_size(global_batch_size: int, mesh: Mesh) -> int:
   """Checks the global batch divides over devices; returns the host batch.
 
   Raises:
-    ValueError: if ``global_batch_size`` is not a multiple of the device
+    ConfigError: if ``global_batch_size`` is not a multiple of the device
       count (every device gets the same number of images).
   """
   n = mesh.devices.size
   if global_batch_size <= 0 or global_batch_size % n:
-    raise ValueError(
+    raise ConfigError(
         f'config.train.global_batch_size={global_batch_size} must be a '
         f'positive multiple of the number of devices ({n} = '
         f'{jax.process_count()} hosts x {jax.local_device_count()} local '
