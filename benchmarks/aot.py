@@ -236,7 +236,7 @@ class Programs:
 
   def inference_stages(self) -> dict[str, tuple[Callable, tuple]]:
     """Stage programs of inference (see the module docstring)."""
-    from msrcnn_jax.modeling import losses as losses_lib  # pylint: disable=g-import-not-at-top
+    from msrcnn_jax.modeling.roi_heads import select_class  # pylint: disable=g-import-not-at-top
     from msrcnn_jax.modeling.heads.box_postprocess import get_detections  # pylint: disable=g-import-not-at-top
     model, cfg, jnp = self.model, self.config, self.jnp
     r, rc = cfg.model.roi_head, cfg.test.rcnn
@@ -246,16 +246,19 @@ class Programs:
     feats = self._abstract(features, self.variables, self.images, self.hw2)
 
     def proposals(v, feats, img_shape, pad_shape):
-      return model.apply(v, feats, img_shape, pad_shape,
-                         method=model.proposals)
+      def f(m):
+        cls, reg = m.rpn_head.head(feats)
+        return m.rpn_head.proposals(cls, reg, img_shape, pad_shape,
+                                    cfg.test.rpn)
+      return model.apply(v, method=f)
     props = self._abstract(proposals, self.variables, feats, self.hw2,
                            self.hw2)
 
     def box_stage(v, feats, rois, roi_valid, img_shape, pad_shape, scale):
       def f(m):
-        x = m.roi_features(feats, rois, pad_shape,
-                           r.bbox_roi_extractor.output_size)
-        cls, deltas = m.roi_head.box(x)
+        x = m.roi_head.roi_features(feats, rois, pad_shape,
+                                    r.bbox_roi_extractor.output_size)
+        cls, deltas = m.roi_head.bbox_head(x)
         return get_detections(
             rois, roi_valid, cls.astype(jnp.float32),
             deltas.astype(jnp.float32), img_shape=img_shape,
@@ -271,10 +274,10 @@ class Programs:
 
     def mask_stage(v, feats, boxes, labels, pad_shape):
       def f(m):
-        x = m.roi_features(feats, boxes, pad_shape,
-                           r.mask_roi_extractor.output_size)
-        logits = losses_lib.select_class(m.roi_head.mask(x), labels)
-        return logits, m.roi_head.mask_iou(x, logits)
+        x = m.roi_head.roi_features(feats, boxes, pad_shape,
+                                    r.mask_roi_extractor.output_size)
+        logits = select_class(m.roi_head.mask_head(x), labels)
+        return logits, m.roi_head.mask_iou_head(x, logits)
       return model.apply(v, method=f)
 
     return {
@@ -283,7 +286,8 @@ class Programs:
         'RPN+proposals': (self.jax.jit(proposals),
                           (self.variables, feats, self.hw2, self.hw2)),
         'RoI box stage': (self.jax.jit(box_stage),
-                          (self.variables, feats, props[0], props[2],
+                          (self.variables, feats, props['boxes'],
+                           props['valid'],
                            self.hw2, self.hw2, self.scale)),
         'mask+MaskIoU': (self.jax.jit(mask_stage),
                          (self.variables, feats, dets, labels, self.hw2)),
@@ -335,8 +339,11 @@ class Programs:
     feats = self._abstract(features, self.variables, self.images, self.hw2)
 
     def proposals(v, feats, img_shape, pad_shape):
-      return model.apply(v, feats, img_shape, pad_shape, True,
-                         method=model.proposals)
+      def f(m):
+        cls, reg = m.rpn_head.head(feats)
+        return m.rpn_head.proposals(cls, reg, img_shape, pad_shape,
+                                    t.rpn_proposal)
+      return model.apply(v, method=f)
 
     n_box = int(t.rcnn.num_samples)
     n_mask = int(t.rcnn.num_samples * t.rcnn.pos_fraction)
@@ -344,17 +351,17 @@ class Programs:
     def roi_stage(size, head):
       def fn(v, feats, rois, pad_shape):
         def f(m):
-          x = m.roi_features(feats, rois, pad_shape, size)
+          x = m.roi_head.roi_features(feats, rois, pad_shape, size)
           return head(m, x)
         return model.apply(v, method=f)
       return fn
 
     def box_head(m, x):
-      return m.roi_head.box(x)
+      return m.roi_head.bbox_head(x)
 
     def mask_head(m, x):
-      logits = m.roi_head.mask(x)[..., 0]
-      return logits, m.roi_head.mask_iou(x, logits)
+      logits = m.roi_head.mask_head(x)[..., 0]
+      return logits, m.roi_head.mask_iou_head(x, logits)
 
     def loss(params, batch_stats, batch, key):
       return task.loss_fn(params, batch_stats, batch,

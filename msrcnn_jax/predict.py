@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Sequence
 
 from absl import app
@@ -23,6 +24,7 @@ import cv2
 from ml_collections import config_flags
 
 from msrcnn_jax import compilation_cache
+from msrcnn_jax import config as config_lib
 from msrcnn_jax import errors
 from msrcnn_jax import postprocess
 from msrcnn_jax.data import image_io
@@ -33,7 +35,9 @@ from msrcnn_jax.modeling import build
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Model config file (configs/<name>.py).')
 _CHECKPOINT = flags.DEFINE_string(
-    'checkpoint', None, 'Converted or trained checkpoint directory.')
+    'checkpoint', None,
+    'A converted variables directory, a training workdir (its newest '
+    'step) or a step directory (<workdir>/checkpoints/<step>).')
 _OUTPUT = flags.DEFINE_string('output', 'results.json', 'Output JSON file.')
 _VIS_DIR = flags.DEFINE_string(
     'vis-dir', None, 'If set, write a PNG per image with masks, boxes, '
@@ -69,6 +73,7 @@ def main(argv: Sequence[str]) -> None:
   config = _CONFIG.value
   if config is None or _CHECKPOINT.value is None:
     raise app.UsageError('--config and --checkpoint are required.')
+  build.validate_config(config)
   _check_images(paths)
   variables, meta = build.load_checked_variables(config, _CHECKPOINT.value)
   logging.info('Loaded %s (%s)', _CHECKPOINT.value, meta.get('config_name'))
@@ -96,4 +101,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
+  config_lib.exit_on_unknown_overrides(sys.argv)
   errors.run(main)

@@ -58,14 +58,11 @@ def fixture_config(set_name):
   m.neck.in_channels = list(ref['model']['neck']['in_channels'])
   fpn = ref['model']['neck']['out_channels']
   m.neck.out_channels = fpn
-  m.rpn_head.in_channels = m.rpn_head.feat_channels = fpn
+  m.rpn_head.feat_channels = fpn
   rh = ref['model']['roi_head']
   fc = rh['bbox_head']['fc_out_channels']
-  m.roi_head.bbox_head.in_channels = fpn
   m.roi_head.bbox_head.fc_out_channels = fc
-  m.roi_head.mask_head.in_channels = fpn
   m.roi_head.mask_head.conv_out_channels = rh['mask_head']['conv_out_channels']
-  m.roi_head.mask_iou_head.in_channels = rh['mask_iou_head']['in_channels']
   m.roi_head.mask_iou_head.conv_out_channels = (
       rh['mask_iou_head']['conv_out_channels'])
   m.roi_head.mask_iou_head.fc_out_channels = (

@@ -54,6 +54,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from msrcnn_jax.ops import padding
+
 # Default cap on samples per bin side. The pooling loop only visits the
 # slots RoIs use, so a large cap costs little: 16 keeps every RoI side up to
 # 112 feature px (7x7) / 224 px (14x14) exact, i.e. every box with aspect
@@ -440,8 +442,10 @@ def _multilevel_jit(feats, boxes, pad_shape, strides, output_size,
   pad_shape = jnp.asarray(pad_shape, jnp.int32)
   stride = strides_a[lvl]
   # Valid size ceil(pad / stride), clipped to the array (bucket) size.
-  vh = jnp.clip((pad_shape[:, 0:1] + stride - 1) // stride, 1, heights[lvl])
-  vw = jnp.clip((pad_shape[:, 1:2] + stride - 1) // stride, 1, widths[lvl])
+  vh = jnp.clip(padding.valid_size(pad_shape[:, 0:1], stride), 1,
+                heights[lvl])
+  vw = jnp.clip(padding.valid_size(pad_shape[:, 1:2], stride), 1,
+                widths[lvl])
   # spatial_scale = 1 / stride (a power of two, so folding it into the boxes
   # is exact).
   scaled = boxes * scales[lvl][..., None]
