@@ -142,7 +142,7 @@ def ms_rcnn_config(*,
   t.checkpoint_every_steps = 5000
   t.keep_checkpoints = 3
   t.log_every_steps = 50
-  t.eval_every_steps = 0      # 0 = evaluate only at the end
+  t.eval_every_steps = 0      # 0 = evaluate only at the end, < 0 = never
   t.init_checkpoint = ''      # converted full or backbone-only checkpoint
 
   # ----------------------------------------------------------------- data
