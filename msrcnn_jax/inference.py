@@ -18,9 +18,9 @@ import tqdm
 from msrcnn_jax import postprocess
 from msrcnn_jax.data import image_io
 from msrcnn_jax.data import transforms
-from msrcnn_jax.modeling.detector import MaskScoringRCNN
 
-_BATCH_KEYS = ('image', 'img_shape', 'pad_shape', 'scale_factor')
+# The detector's inputs, in order (the pipeline's keys).
+BATCH_KEYS = ('image', 'img_shape', 'pad_shape', 'scale_factor')
 
 
 class Predictor:
@@ -29,28 +29,39 @@ class Predictor:
   Args:
     config: the model config (``model``, ``test`` and ``data`` are read).
     variables: ``{'params': ..., 'batch_stats': ...}``.
+    dtype: compute dtype of convolutions and dense layers (``bfloat16``
+      runs them in bf16 on float32 variables; outputs stay float32).
+
+  Attributes:
+    forward: the jitted detector, ``forward(variables, image, img_shape,
+      pad_shape, scale_factor) -> outputs`` (``MaskScoringRCNN.__call__``:
+      fixed-size detections, mask logits, MaskIoU); what ``msrcnn_jax.export``
+      serializes.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, variables: dict):
+  def __init__(self, config: ml_collections.ConfigDict, variables: dict,
+               dtype: Any = 'float32'):
+    # Imported here so that ``serving`` (exported programs) runs without it.
+    from msrcnn_jax.modeling.detector import MaskScoringRCNN  # pylint: disable=g-import-not-at-top
     self.config = config
-    self.model = MaskScoringRCNN(config)
+    self.model = MaskScoringRCNN(config, dtype=jax.numpy.dtype(dtype))
     self.variables = variables
 
     def forward(variables, image, img_shape, pad_shape, scale_factor):
       return self.model.apply(variables, image, img_shape, pad_shape,
                               scale_factor)
-    self._forward = jax.jit(forward)
+    self.forward = jax.jit(forward)
 
   def predict_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
     """Detector outputs (numpy) for a padded batch (keys as the pipeline's)."""
-    out = self._forward(self.variables, *(batch[k] for k in _BATCH_KEYS))
+    out = self.forward(self.variables, *(batch[k] for k in BATCH_KEYS))
     return jax.device_get(out)
 
   def predict_batches(self, batches: Iterable[dict[str, Any]]
                       ) -> Iterator[dict[str, Any]]:
     """Records of every valid image of every batch, in order.
 
-    Each batch holds the arrays of ``_BATCH_KEYS`` plus ``ori_shape``,
+    Each batch holds the arrays of ``BATCH_KEYS`` plus ``ori_shape``,
     ``image_id``, optional ``file_name`` (list) and ``valid`` (B,) flags.
     """
     thr = self.config.test.rcnn.mask_thr_binary

@@ -1,0 +1,161 @@
+"""``python -m msrcnn_jax.export`` and ``predict --exported`` on the tiny fixture.
+
+The mmdetection fixture checkpoint ``r50_caffe_tiny`` is converted once, then
+exported for the bucket both fixture images use (320x512) with a batch of 2.
+Checked:
+
+- the exported StableHLO program and the TensorFlow SavedModel (jax2tf) give
+  the jitted model's outputs on the fixture images (max abs diff <= 1e-5;
+  labels and validity identical); so does a bfloat16 export against the
+  jitted bfloat16 model;
+- ``msrcnn_jax.serving`` imports neither the model code nor Flax;
+- ``predict --exported`` writes the same results.json as ``predict`` with the
+  config and checkpoint;
+- an image needing a bucket the export lacks, a batch size it lacks, a missing
+  export and a bucket that is not HxW give one ``error:`` line, exit 1.
+
+Cost on the 2-core CPU VM: about 1-2 min (one export, 5 model compilations).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import SET_IMAGES, fixture_config, fixture_path
+from test_cli import _config_file, _failed, _run
+
+from msrcnn_jax import serving
+from msrcnn_jax.convert import checkpoint_io
+from msrcnn_jax.convert import mmdet
+from msrcnn_jax.data import image_io
+from msrcnn_jax.data import transforms
+from msrcnn_jax.inference import Predictor, batch_by_bucket
+
+SET = 'r50_caffe_tiny'
+BUCKET = '320x512'
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope='module')
+def exported(tmp_path_factory):
+  """(config, variables, config file, checkpoint dir, export dir)."""
+  d = tmp_path_factory.mktemp('export')
+  config = fixture_config(SET)
+  variables, _ = mmdet.convert_checkpoint(
+      fixture_path(SET, 'checkpoint.pth'), config)
+  ckpt = checkpoint_io.save_variables(str(d / 'ckpt'), variables,
+                                      dict(config_name=config.name))
+  cfg_file = _config_file(d, SET)
+  out = str(d / 'exported')
+  proc = _run('-m', 'msrcnn_jax.export', '--config', cfg_file,
+              '--checkpoint', ckpt, '--output', out, '--batch-size', '2',
+              '--bucket', BUCKET)
+  assert f'exported {BUCKET} (batch 2, float32, cpu)' in proc.stdout
+  return config, variables, cfg_file, ckpt, out
+
+
+def _batch(config):
+  items = []
+  for i, name in enumerate(SET_IMAGES[SET]):
+    item = transforms.preprocess_test(
+        image_io.imread(fixture_path(f'{name}.png')), config.data)
+    item.update(image_id=i, file_name=f'{name}.png')
+    items.append(item)
+  batches = list(batch_by_bucket(items, 2, config.data))
+  assert len(batches) == 1 and batches[0]['image'].shape[1:3] == (320, 512)
+  return batches[0]
+
+
+def _assert_same_outputs(ours, ref):
+  assert set(ours) == set(ref), (set(ours), set(ref))
+  for k in ref:
+    a, b = np.asarray(ours[k]), np.asarray(ref[k])
+    assert a.shape == b.shape and a.dtype == b.dtype, (k, a.dtype, b.dtype)
+    if a.dtype.kind in 'biu':
+      np.testing.assert_array_equal(a, b, err_msg=k)
+    else:
+      diff = float(np.max(np.abs(a.astype(np.float64) - b)))
+      assert diff <= 1e-5, (k, diff)
+
+
+def test_exported_program_and_saved_model_equal_the_jitted_model(
+    exported, tmp_path):
+  config, variables, _, _, out = exported
+  batch = _batch(config)
+  ref = Predictor(config, variables).predict_batch(batch)
+  assert int(ref['valid'].sum()) > 0
+
+  contract = serving.read_contract(out)
+  assert contract['batch_size'] == 2 and contract['buckets'] == [[320, 512]]
+  assert contract['programs'] == {BUCKET: f'detector_{BUCKET}.stablehlo'}
+  assert contract['preprocess']['mean'] == list(config.data.mean)
+  assert len(contract['class_names']) == 80
+  assert contract['outputs']['boxes']['shape'] == [2, 100, 4]
+
+  predictor = serving.ExportedPredictor(out)
+  _assert_same_outputs(predictor.predict_batch(batch), ref)
+
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  loaded = tf.saved_model.load(os.path.join(out, 'saved_model'))
+  fn = loaded.signatures[f'detect_{BUCKET}']
+  tf_out = fn(**{k: tf.constant(batch[k]) for k in
+                 ('image', 'img_shape', 'pad_shape', 'scale_factor')})
+  _assert_same_outputs({k: v.numpy() for k, v in tf_out.items()}, ref)
+
+  # bfloat16 compute: the export equals the jitted bf16 model.
+  from msrcnn_jax import export  # pylint: disable=g-import-not-at-top
+  bf16 = str(tmp_path / 'bf16')
+  export.export_detector(config, variables, bf16, batch_size=2,
+                         buckets=[(320, 512)], dtype='bfloat16',
+                         saved_model=False)
+  ref16 = Predictor(config, variables, dtype='bfloat16').predict_batch(batch)
+  _assert_same_outputs(serving.ExportedPredictor(bf16).predict_batch(batch),
+                       ref16)
+
+
+def test_serving_needs_no_model_code():
+  code = ('import sys; import msrcnn_jax.serving; '
+          'bad = [m for m in sys.modules if m.startswith('
+          '("msrcnn_jax.modeling", "flax"))]; print(bad); '
+          'sys.exit(1 if bad else 0)')
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                        text=True, cwd=os.path.dirname(os.path.dirname(
+                            os.path.abspath(__file__))), check=False)
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+
+
+def test_predict_exported_reproduces_predict(exported, tmp_path):
+  _, _, cfg_file, ckpt, out = exported
+  images = [fixture_path(f'{n}.png') for n in SET_IMAGES[SET]]
+  ref_json, ours_json = tmp_path / 'ref.json', tmp_path / 'ours.json'
+  _run('-m', 'msrcnn_jax.predict', '--config', cfg_file, '--checkpoint',
+       ckpt, '--output', str(ref_json), '--batch-size', '2', *images)
+  proc = _run('-m', 'msrcnn_jax.predict', '--exported', out, '--output',
+              str(ours_json), *images)
+  ref = json.loads(ref_json.read_text())
+  assert f'{len(ref)} detections on 2 images' in proc.stdout
+  assert len(ref) > 0
+  assert json.loads(ours_json.read_text()) == ref
+
+  def predict_exported(*args):
+    return _run('-m', 'msrcnn_jax.predict', '--output',
+                str(tmp_path / 'x.json'), *args, expect_ok=False)
+
+  # logo_rgba (500x500) goes to the 320x320 bucket, which was not exported.
+  proc = predict_exported('--exported', out, fixture_path('logo_rgba.png'))
+  _failed(proc, 'error:', out, 'lacks a bucket', '(320, 320)')
+  proc = predict_exported('--exported', out, '--batch-size', '3', *images)
+  _failed(proc, 'error:', 'batches of 2 images', '--batch-size 3')
+  missing = str(tmp_path / 'nowhere')
+  _failed(predict_exported('--exported', missing, *images), 'error:',
+          missing, 'not found')
+  assert not (tmp_path / 'x.json').exists()
+  proc = _run('-m', 'msrcnn_jax.export', '--config', cfg_file, '--checkpoint',
+              ckpt, '--output', str(tmp_path / 'e'), '--bucket', '300x500',
+              expect_ok=False)
+  _failed(proc, 'error: --bucket 300x500', 'multiples of 32')
+  assert proc.stderr.count('\n') <= 2, proc.stderr
