@@ -25,6 +25,7 @@ size. The weights are the programs' first argument (a flat list of arrays in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -131,6 +132,9 @@ def export_detector(config: ml_collections.ConfigDict, variables: Any,
   parent = os.path.dirname(output)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix='.export-', dir=parent)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)     # mkdtemp's is 0700
   try:
     np.savez(os.path.join(tmp, serving.WEIGHTS_FILE), *weights)
     programs, outputs = {}, None
@@ -196,21 +200,48 @@ def _write_saved_model(path: str, detector, weights, batch_size: int,
   tf_detector = jax2tf.convert(detector, with_gradient=False,
                                native_serialization_platforms=platforms)
   signatures = {}
-  for bucket in buckets:
-    specs = [tf.TensorSpec(s.shape, tf.dtypes.as_dtype(s.dtype), name=n)
-             for s, n in zip(_input_specs(batch_size, bucket),
-                             ('image', 'img_shape', 'pad_shape',
-                              'scale_factor'))]
-    fn = tf.function(
-        lambda image, img_shape, pad_shape, scale_factor: tf_detector(
-            module.weights, image, img_shape, pad_shape, scale_factor),
-        input_signature=specs, autograph=False)
-    name = f'detect_{serving.bucket_name(bucket)}'
-    setattr(module, name, fn)
-    signatures[name] = fn.get_concrete_function()
+  with _stablehlo_version_for_tensorflow():   # traced (serialized) here
+    for bucket in buckets:
+      specs = [tf.TensorSpec(s.shape, tf.dtypes.as_dtype(s.dtype), name=n)
+               for s, n in zip(_input_specs(batch_size, bucket),
+                               ('image', 'img_shape', 'pad_shape',
+                                'scale_factor'))]
+      fn = tf.function(
+          lambda image, img_shape, pad_shape, scale_factor: tf_detector(
+              module.weights, image, img_shape, pad_shape, scale_factor),
+          input_signature=specs, autograph=False)
+      name = f'detect_{serving.bucket_name(bucket)}'
+      setattr(module, name, fn)
+      signatures[name] = fn.get_concrete_function()
   signatures['serving_default'] = signatures[
       f'detect_{serving.bucket_name(buckets[0])}']
   tf.saved_model.save(module, path, signatures=signatures)
+
+
+@contextlib.contextmanager
+def _stablehlo_version_for_tensorflow():
+  """Serializes StableHLO no newer than the installed TensorFlow reads.
+
+  ``jax.export`` writes StableHLO of a version about 4 weeks older than
+  JAX's own; TensorFlow's ``XlaCallModule`` op (what jax2tf's SavedModel
+  holds) reads only up to TensorFlow's StableHLO version (1.13.7 in TF
+  2.21, against 1.15.0 for jax 0.10.2, which writes ``composite_v2`` ops it
+  cannot read). So for the SavedModel the older of the two is targeted.
+  """
+  from jax._src.export import _export  # pylint: disable=g-import-not-at-top
+  from tensorflow.compiler.mlir.stablehlo import stablehlo as tf_stablehlo  # pylint: disable=g-import-not-at-top
+  hlo = _export.hlo
+  original = hlo.get_version_from_compatibility_requirement
+
+  def older(requirement):
+    return tf_stablehlo.get_smaller_version(
+        original(requirement), tf_stablehlo.get_current_version())
+
+  hlo.get_version_from_compatibility_requirement = older
+  try:
+    yield
+  finally:
+    hlo.get_version_from_compatibility_requirement = original
 
 
 # --------------------------------------------------------------------- CLI

@@ -113,6 +113,14 @@ class ExportedPredictor(Predictor):
       raise ExportError(f'cannot read weights {weights_path}: {e}') from e
     self._programs: dict[tuple[int, int], Any] = {}
 
+  def _check_batch_size(self, n: int) -> None:
+    if int(n) != self.batch_size:
+      raise ExportError(
+          f'the export in {self.directory} takes batches of '
+          f'{self.batch_size} images (contract.json batch_size), not {n}: '
+          f'use --batch-size {self.batch_size} or re-export with '
+          f'--batch-size {n}')
+
   def program(self, bucket: Sequence[int]) -> jax_export.Exported:
     """The deserialized program of a bucket ``(H, W)``.
 
@@ -143,12 +151,7 @@ class ExportedPredictor(Predictor):
       ExportError: the batch size or bucket is not one the export has.
     """
     image = batch['image']
-    if image.shape[0] != self.batch_size:
-      raise ExportError(
-          f'the export in {self.directory} takes batches of '
-          f'{self.batch_size} images (contract.json batch_size), not '
-          f'{image.shape[0]}: use --batch-size {self.batch_size} or '
-          f're-export with --batch-size {image.shape[0]}')
+    self._check_batch_size(image.shape[0])
     exp = self.program(image.shape[1:3])
     out = exp.call(self.weights, *(np.asarray(batch[k]) for k in BATCH_KEYS))
     return jax.device_get(out)
@@ -161,17 +164,14 @@ class ExportedPredictor(Predictor):
       ExportError: ``batch_size`` is not the export's, or an image needs a
         bucket larger than every exported one.
     """
-    if batch_size is not None and int(batch_size) != self.batch_size:
-      raise ExportError(
-          f'the export in {self.directory} takes batches of '
-          f'{self.batch_size} images (contract.json batch_size), not '
-          f'{batch_size}: use --batch-size {self.batch_size} or re-export '
-          f'with --batch-size {batch_size}')
+    if batch_size is not None:
+      self._check_batch_size(batch_size)
     try:
       return super().predict_images(paths, self.batch_size, progress)
     except ValueError as e:
       if isinstance(e, ExportError) or 'no bucket in' not in str(e):
         raise
       raise ExportError(
-          f'the export in {self.directory} lacks a bucket: {e.args[0].split(";")[0]} '
-          f'(re-export with a --bucket HxW that holds it)') from e
+          f'the export in {self.directory} lacks a bucket: '
+          f'{str(e).split(";")[0]} (re-export with a --bucket HxW that '
+          'holds it)') from e

@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 
+import cv2
 import numpy as np
 import pytest
 
@@ -145,9 +146,11 @@ def test_predict_exported_reproduces_predict(exported, tmp_path):
     return _run('-m', 'msrcnn_jax.predict', '--output',
                 str(tmp_path / 'x.json'), *args, expect_ok=False)
 
-  # logo_rgba (500x500) goes to the 320x320 bucket, which was not exported.
-  proc = predict_exported('--exported', out, fixture_path('logo_rgba.png'))
-  _failed(proc, 'error:', out, 'lacks a bucket', '(320, 320)')
+  # A portrait image is padded to 512x320, which fits no exported bucket.
+  portrait = str(tmp_path / 'portrait.png')
+  cv2.imwrite(portrait, cv2.imread(images[0]).transpose(1, 0, 2))
+  proc = predict_exported('--exported', out, portrait)
+  _failed(proc, 'error:', out, 'lacks a bucket', '(512, 320)')
   proc = predict_exported('--exported', out, '--batch-size', '3', *images)
   _failed(proc, 'error:', 'batches of 2 images', '--batch-size 3')
   missing = str(tmp_path / 'nowhere')
