@@ -165,7 +165,7 @@ def test_two_processes_match_one_and_resume_in_both(tmp_path):
   assert 'Evaluating at step 2' in out_a[0]
   assert 'Wrote 2 pictures' in out_a[0]
   assert 'Waiting for process 0 to evaluate step 2' in out_a[1]
-  for needle in ('Evaluating at step', 'Wrote ', 'Average Precision'):
+  for needle in ('Evaluating at step', 'Wrote 2 pictures', 'Average Precision'):
     assert needle not in out_a[1], needle
   with open(tmp_path / 'a' / 'eval' / 'metrics.json') as f:
     assert json.load(f)['num_images'] == 3
