@@ -18,8 +18,8 @@ of steps 1 and 2 the ones D read (the records each host logs); evaluation ran
 on process 0 only, over the whole split, and process 1 wrote nothing. Another test kills one process and checks that the other ends with
 the coordinator's error within a bounded time instead of hanging.
 
-The runs share a persistent compilation cache (process 0 of C reuses A's
-programs). Cost on the 2-core CPU VM: see the test functions.
+Cost: run A took 7 min and C + D 4 min on the 2-core VM shared with other
+jobs (load 12-17); mostly XLA compilation. The crash test takes 20 s.
 """
 
 import json
@@ -153,7 +153,11 @@ def _records(out):
 
 
 def test_two_processes_match_one_and_resume_in_both(tmp_path):
-  cache = tmp_path / 'jax_cache'
+  # No shared persistent compilation cache: with one, process 0 of run C
+  # loads its programs at once and waits in gloo's first rendezvous for
+  # process 1, which compiles (only process 0 writes the cache); gloo gives
+  # up after 30 s ("Gloo context initialization failed: ... timed out").
+  cache = None
   no_eval = ['--config.train.eval_every_steps=-1']
   run_a = _Run(tmp_path / 'a', 2, 2, 2, cache)
   out_a = run_a.wait()
@@ -189,9 +193,11 @@ def test_two_processes_match_one_and_resume_in_both(tmp_path):
 
   # 2 processes and 1 process with the same global batch: same parameters.
   d2, d3 = _params(run_d.workdir, 2), _params(run_d.workdir, 3)
-  assert _max_abs_diff(_params(run_a.workdir, 1), d2) > 1e-4  # they move
-  assert _max_abs_diff(_params(run_a.workdir, 2), d2) <= 1e-5   # run A
-  assert _max_abs_diff(_params(run_a.workdir, 3), d3) <= 1e-5   # run C
+  # A step moves them by about the warm-up lr (1.6e-5); 2 processes and 1
+  # differ by 7.5e-9 (measured, step 2): the 1e-5 asked for, tightened.
+  assert _max_abs_diff(_params(run_a.workdir, 1), d2) > 1e-5
+  assert _max_abs_diff(_params(run_a.workdir, 2), d2) <= 1e-6   # run A
+  assert _max_abs_diff(_params(run_a.workdir, 3), d3) <= 1e-6   # run C
 
   # Each host read its own half of the global batch, the one 1 process read.
   single = _records(out_d)
