@@ -18,8 +18,9 @@ of steps 1 and 2 the ones D read (the records each host logs); evaluation ran
 on process 0 only, over the whole split, and process 1 wrote nothing. Another test kills one process and checks that the other ends with
 the coordinator's error within a bounded time instead of hanging.
 
-Cost: run A took 7 min and C + D 4 min on the 2-core VM shared with other
-jobs (load 12-17); mostly XLA compilation. The crash test takes 20 s.
+Cost: 4 min 36 s for the first test on the 2-core VM (shared with other
+jobs; 11 min under heavier load), mostly XLA compilation; 9-20 s for the
+crash test.
 """
 
 import json
