@@ -13,15 +13,18 @@ and exits non-zero naming every missing, unexpected or mis-shaped tensor.
 """
 
 import os
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from msrcnn_jax import config as config_lib
 from msrcnn_jax import errors
-from msrcnn_jax.convert import checkpoint_io
+from msrcnn_jax import variables as variables_lib
 from msrcnn_jax.convert import mmdet
+from msrcnn_jax.modeling import build
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'configs/*.py file of the model.', lock_config=True)
@@ -38,10 +41,11 @@ def main(argv):
   config = _CONFIG.value
   if config is None or not _CHECKPOINT.value or not _OUTPUT.value:
     raise app.UsageError('--config, --checkpoint and --output are required')
+  build.validate_config(config)
   variables, report = mmdet.convert_checkpoint(
       _CHECKPOINT.value, config, backbone_only=_BACKBONE_ONLY.value)
   print(report.format())
-  out = checkpoint_io.save_variables(
+  out = variables_lib.save_variables(
       _OUTPUT.value, variables,
       dict(config_name=config.name, source=os.path.abspath(_CHECKPOINT.value),
            backbone_only=_BACKBONE_ONLY.value,
@@ -50,5 +54,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  config_lib.exit_on_unknown_overrides(sys.argv)
   flags.mark_flags_as_required(['config', 'checkpoint', 'output'])
   errors.run(main)

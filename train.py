@@ -12,15 +12,21 @@ same command on every host (see README: TPU pod slices and multi-node GPU).
 """
 
 import os
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from msrcnn_jax import compilation_cache
+from msrcnn_jax import config as config_lib
 from msrcnn_jax import errors
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
+# Before the flags: config_flags applies --config.<key> overrides as it
+# defines them, with a traceback for an unknown key.
+config_lib.exit_on_unknown_overrides(sys.argv)
 
 with errors.config_errors_reported():  # overrides of the default config
   _CONFIG = config_flags.DEFINE_config_file(
@@ -47,6 +53,7 @@ def main(argv):
   partitioning.maybe_initialize_distributed(
       heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value,
       initialization_timeout=_INIT_TIMEOUT.value)
+  compilation_cache.enable()
   from msrcnn_jax.training import trainer  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join('workdir', config.name)

@@ -114,7 +114,7 @@ def benchmark(config: ml_collections.ConfigDict, batch_size: int,
   local = partitioning.check_batch_size(batch_size, mesh)
   if task is None:
     from msrcnn_jax.training.task import DetectorTask  # pylint: disable=g-import-not-at-top
-    task = DetectorTask(config)
+    task = DetectorTask(config, check_eval_source=False)
   if host_batch is None:
     host_batch = synthetic_batch(config, local, num_gt,
                                  seed=jax.process_index())

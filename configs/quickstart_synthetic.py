@@ -19,6 +19,7 @@ from msrcnn_jax.config import ms_rcnn_config
 def get_config():
   c = ms_rcnn_config(name='quickstart_synthetic', depth=50, style='pytorch')
   m = c.model
+  # The synthetic dataset's 3 shape categories define the classes.
   num_classes = 3
   m.num_classes = num_classes
   m.backbone.base_channels = 8
@@ -28,17 +29,13 @@ def get_config():
   m.backbone.zero_init_residual = True
   m.neck.in_channels = [32, 64, 128, 256]
   m.neck.out_channels = 32
-  m.rpn_head.in_channels = m.rpn_head.feat_channels = 32
+  m.rpn_head.feat_channels = 32
   m.rpn_head.anchor_scales = [4]      # anchors 16..256 px for 128 px images
   m.roi_head.finest_scale = 28
   m.roi_head.roi_align_max_samples = 4
-  m.roi_head.bbox_head.update(in_channels=32, fc_out_channels=128,
-                              num_classes=num_classes)
-  m.roi_head.mask_head.update(in_channels=32, conv_out_channels=32,
-                              num_classes=num_classes)
-  m.roi_head.mask_iou_head.update(in_channels=32, conv_out_channels=32,
-                                  fc_out_channels=128,
-                                  num_classes=num_classes)
+  m.roi_head.bbox_head.fc_out_channels = 128
+  m.roi_head.mask_head.conv_out_channels = 32
+  m.roi_head.mask_iou_head.update(conv_out_channels=32, fc_out_channels=128)
 
   c.test.rpn.update(nms_pre=300, max_per_img=100)
   c.test.rcnn.update(max_per_img=20, max_candidates=1000)
@@ -72,7 +69,7 @@ def get_config():
   d.gt_mask_crop_size = 32
   d.flip_ratio = 0.5
   d.num_workers = 2
-  d.synthetic = dict(num_train=2000, num_val=100, image_size=(128, 128),
+  d.synthetic.update(num_train=2000, num_val=100, image_size=(128, 128),
                      max_objects=4, num_classes=num_classes, cache=True)
   d.category_ids = tuple(range(1, num_classes + 1))
   d.class_names = ('rectangle', 'ellipse', 'triangle')

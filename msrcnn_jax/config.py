@@ -4,11 +4,25 @@ Every file in ``configs/`` calls :func:`ms_rcnn_config` and overrides what it
 changes. The tree mirrors mmdetection's resolved config (spec §1) and the
 parameter tree (``config.model.roi_head.mask_iou_head`` <->
 ``params['roi_head']['mask_iou_head']`` <-> ``roi_head.mask_iou_head.*``).
+
+Every key is read by something. :func:`validate` (called by the entry points
+and ``DetectorTask``) refuses, naming the key, keys the schema lacks, values
+nothing implements and keys that do not apply; :func:`check_override_flags`
+refuses unknown ``--config.<key>`` overrides before ``config_flags`` parses
+them; :func:`check_dataset_classes` refuses a training dataset whose
+categories are not the model's classes (``model.num_classes``).
 """
 
 from __future__ import annotations
 
+import difflib
+import re
+import sys
+from typing import Any, Sequence
+
 import ml_collections
+
+from msrcnn_jax.errors import ConfigError  # pylint: disable=unused-import
 
 # COCO 2017 category ids in sorted order: label i <-> COCO_CATEGORY_IDS[i].
 COCO_CATEGORY_IDS = (
@@ -32,6 +46,13 @@ COCO_CLASSES = (
     'keyboard', 'cell phone', 'microwave', 'oven', 'toaster', 'sink',
     'refrigerator', 'book', 'clock', 'vase', 'scissors', 'teddy bear',
     'hair drier', 'toothbrush')
+
+# The class-dependent layers: what fine-tuning a converted COCO checkpoint on
+# a dataset with another class count re-initialises (train.init_skip_patterns).
+FINETUNE_SKIP_PATTERNS = (
+    r'^params/roi_head/bbox_head/fc_cls/', r'^params/roi_head/bbox_head/fc_reg/',
+    r'^params/roi_head/mask_head/conv_logits/',
+    r'^params/roi_head/mask_iou_head/fc_mask_iou/')
 
 # Image normalisation per backbone style (spec §1.3).
 CAFFE_NORM = dict(mean=(103.530, 116.280, 123.675), std=(1.0, 1.0, 1.0),
@@ -68,6 +89,11 @@ def ms_rcnn_config(*,
 
   # ---------------------------------------------------------------- model
   m = c.model = ml_collections.ConfigDict()
+  # The one class-count key: fc_cls (num_classes + 1), fc_reg
+  # (4 * num_classes), conv_logits and fc_mask_iou (num_classes) read it, and
+  # data.category_ids / data.class_names must list num_classes entries. A
+  # training dataset's categories define the classes: its sorted category ids
+  # must be data.category_ids (checked before the first step).
   m.num_classes = 80
   m.backbone = dict(
       depth=depth, style=style, groups=groups, base_width=base_width,
@@ -79,30 +105,30 @@ def ms_rcnn_config(*,
       zero_init_residual=False)
   m.neck = dict(in_channels=[256, 512, 1024, 2048], out_channels=256,
                 num_outs=5)
+  # Input channels of every head are inferred from neck.out_channels; the
+  # box coders' target_means are 0 (mmdetection's, not configurable here).
   m.rpn_head = dict(
-      in_channels=256, feat_channels=256,
+      feat_channels=256,
       anchor_scales=[8], anchor_ratios=[0.5, 1.0, 2.0],
       anchor_strides=[4, 8, 16, 32, 64],
-      target_means=[0.0, 0.0, 0.0, 0.0], target_stds=[1.0, 1.0, 1.0, 1.0])
+      target_stds=[1.0, 1.0, 1.0, 1.0])
   m.roi_head = ml_collections.ConfigDict()
   m.roi_head.featmap_strides = [4, 8, 16, 32]
   m.roi_head.finest_scale = 56
   # Static cap on RoIAlign's adaptive sample count per bin side (spec §5.9):
   # exact for every RoI side up to output_size * 16 feature pixels.
   m.roi_head.roi_align_max_samples = 16
+  # mmcv RoIAlign(sampling_ratio=0, aligned=True) is what is implemented;
+  # other values are refused (v1.x models used aligned=False, ratio 2).
   m.roi_head.bbox_roi_extractor = dict(output_size=7, sampling_ratio=0,
                                        aligned=True)
   m.roi_head.mask_roi_extractor = dict(output_size=14, sampling_ratio=0,
                                        aligned=True)
-  m.roi_head.bbox_head = dict(
-      in_channels=256, fc_out_channels=1024, roi_feat_size=7,
-      num_classes=80, target_means=[0.0, 0.0, 0.0, 0.0],
-      target_stds=[0.1, 0.1, 0.2, 0.2])
-  m.roi_head.mask_head = dict(num_convs=4, in_channels=256,
-                              conv_out_channels=256, num_classes=80)
-  m.roi_head.mask_iou_head = dict(
-      num_convs=4, num_fcs=2, roi_feat_size=14, in_channels=256,
-      conv_out_channels=256, fc_out_channels=1024, num_classes=80)
+  m.roi_head.bbox_head = dict(fc_out_channels=1024,
+                              target_stds=[0.1, 0.1, 0.2, 0.2])
+  m.roi_head.mask_head = dict(num_convs=4, conv_out_channels=256)
+  m.roi_head.mask_iou_head = dict(num_convs=4, num_fcs=2,
+                                  conv_out_channels=256, fc_out_channels=1024)
 
   # ------------------------------------------------------------ inference
   c.test = ml_collections.ConfigDict()
@@ -113,6 +139,15 @@ def ms_rcnn_config(*,
                      # score_thr), taken by score; spec §2.4.
                      max_candidates=8000)
   c.test.batch_size = 1
+  # Where masks are pasted: 'device' (postprocess.paste_on_device, same
+  # pixels as the host), 'host', or 'auto' (device unless the backend is
+  # the CPU, where the host's box-region paste is cheaper). Records are made
+  # in this many worker processes (-1: CPU cores - 1, at most 8, or 0 on
+  # the CPU backend; 0: in the calling thread). Workers are spawned: a
+  # script calling evaluate/predict needs an `if __name__ == '__main__'`
+  # guard (else they fail and the records are made in the calling thread).
+  c.test.mask_paste = 'auto'
+  c.test.postprocess_workers = -1
 
   # ------------------------------------------------------------- training
   t = c.train = ml_collections.ConfigDict()
@@ -143,7 +178,13 @@ def ms_rcnn_config(*,
   t.keep_checkpoints = 3
   t.log_every_steps = 50
   t.eval_every_steps = 0      # 0 = evaluate only at the end, < 0 = never
-  t.init_checkpoint = ''      # converted full or backbone-only checkpoint
+  # Converted directory, training workdir (newest step) or step directory.
+  t.init_checkpoint = ''
+  # Regexes (re.search on 'params/roi_head/bbox_head/fc_cls/kernel') of
+  # variables NOT loaded from init_checkpoint (kept at their initialisation,
+  # each logged with both shapes); any other mismatch is an error. Fine-tune
+  # to another class count with FINETUNE_SKIP_PATTERNS.
+  t.init_skip_patterns = ()
 
   # ----------------------------------------------------------------- data
   d = c.data = ml_collections.ConfigDict()
@@ -162,6 +203,9 @@ def ms_rcnn_config(*,
   d.flip_ratio = 0.5
   # Padded (height, width) shape buckets; each a multiple of size_divisor.
   d.buckets = ((800, 1344), (1344, 800), (800, 800))
+  # > 0: evaluate in this many buckets chosen from the split's image sizes
+  # (data.pipeline.buckets_from_sizes) instead of d.buckets.
+  d.eval_num_buckets = 0
   d.max_instances = 100
   # GT masks as box-aligned crops of this size (see training targets).
   d.gt_mask_crop_size = 112
@@ -169,6 +213,171 @@ def ms_rcnn_config(*,
   d.prefetch = 2
   d.category_ids = COCO_CATEGORY_IDS
   d.class_names = COCO_CLASSES
+  d.min_size = 32             # training images with a shorter side are skipped
+  # The synthetic dataset's categories (ids 1..num_classes) define its classes.
   d.synthetic = dict(num_train=2000, num_val=100, image_size=(128, 128),
-                     max_objects=4, num_classes=3)
+                     max_objects=4, num_classes=3, seed=0, cache=False)
+  # Pictures of predictions written after the final evaluation.
+  c.num_vis_images = 0
   return c
+
+
+# ------------------------------------------------------------- validation
+def _leaves(config: Any, prefix: str = '') -> dict[str, Any]:
+  """``{'model.backbone.depth': 50, ...}``: every leaf key of a config."""
+  out = {}
+  for key, value in config.items():
+    path = f'{prefix}{key}'
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      out.update(_leaves(value, path + '.'))
+    else:
+      out[path] = value
+  return out
+
+
+def _schema_paths() -> set[str]:
+  """Every key path of the schema, leaves and the nodes above them."""
+  paths = set()
+  for leaf in _leaves(ms_rcnn_config()):
+    parts = leaf.split('.')
+    paths.update('.'.join(parts[:i]) for i in range(1, len(parts) + 1))
+  return paths
+
+
+def _unknown_key_message(path: str, where: str) -> str:
+  parent, _, name = path.rpartition('.')
+  siblings = [k.rpartition('.')[2] for k in _schema_paths()
+              if k.rpartition('.')[0] == parent]
+  near = difflib.get_close_matches(name, siblings, n=1)
+  return (f'unknown config key {path} ({where})' +
+          (f'; did you mean {parent + "." if parent else ""}{near[0]}?'
+           if near else '') +
+          ' (msrcnn_jax/config.py lists every key)')
+
+
+def check_override_flags(argv: Sequence[str], flag: str = 'config') -> None:
+  """Raises ``ConfigError`` on a ``--config.<key>`` override naming a key
+  the schema does not have (config_flags would fail with a traceback).
+
+  Call before the flags are parsed (``config_flags`` applies overrides while
+  parsing); :func:`exit_on_unknown_overrides` does so for the entry points.
+  """
+  known = _schema_paths()
+  pattern = re.compile(rf'^--?(?:no)?{re.escape(flag)}\.([^=]+)')
+  for arg in argv:
+    found = pattern.match(arg)
+    if found and found.group(1) not in known:
+      raise ConfigError(_unknown_key_message(found.group(1), arg))
+
+
+def exit_on_unknown_overrides(argv: Sequence[str]) -> None:
+  """:func:`check_override_flags`, as one ``error:`` line and exit 1 (as
+  ``errors.run`` ends a user error)."""
+  try:
+    check_override_flags(argv)
+  except ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+
+
+def _refuse(cond: bool, message: str) -> None:
+  if cond:
+    raise ConfigError(message)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks a whole config before anything is built.
+
+  Refuses, naming the key: keys the schema lacks (e.g. added by a config
+  file) or that a config file removed; values that nothing implements
+  (RoIAlign ``sampling_ratio`` other than 0 or ``aligned=False``, unknown
+  style/source/optimizer); inconsistent values (class names/ids vs
+  ``model.num_classes``, ``train.rcnn.mask_size`` vs the mask head's output); keys set that do not
+  apply (``data.coco_dir`` without ``data.source='coco'``,
+  ``data.tfds_data_dir`` without 'tfds', ``train.momentum`` changed with
+  AdamW, ``train.init_skip_patterns`` without ``train.init_checkpoint``).
+
+  Raises:
+    ConfigError: the first problem found, naming the key and value.
+  """
+  schema = _leaves(ms_rcnn_config())
+  got = _leaves(config)
+  for path in sorted(set(got) - set(schema)):
+    raise ConfigError(_unknown_key_message(path, 'set in the config file'))
+  for path in sorted(set(schema) - set(got)):
+    raise ConfigError(f'config key {path} is missing (a config file replaced '
+                      'its parent; use .update(...) instead)')
+  m, d, t = config.model, config.data, config.train
+  b = m.backbone
+  _refuse(b.style not in ('caffe', 'pytorch'),
+          f"model.backbone.style must be 'caffe' or 'pytorch', got {b.style!r}")
+  _refuse(m.neck.num_outs != len(m.rpn_head.anchor_strides),
+          f'model.rpn_head.anchor_strides has {len(m.rpn_head.anchor_strides)}'
+          f' levels but model.neck.num_outs is {m.neck.num_outs}')
+  n = m.num_classes
+  _refuse(not isinstance(n, int) or n < 1,
+          f'model.num_classes must be a positive integer, got {n!r}')
+  for key in ('category_ids', 'class_names'):
+    _refuse(len(d[key]) != n,
+            f'data.{key} lists {len(d[key])} entries but model.num_classes '
+            f'is {n}: {tuple(d[key])}')
+  _refuse(len(set(d.category_ids)) != n,
+          f'data.category_ids repeats an id: {tuple(d.category_ids)}')
+  r = m.roi_head
+  for name in ('bbox_roi_extractor', 'mask_roi_extractor'):
+    ext = r[name]
+    _refuse(ext.sampling_ratio != 0 or ext.aligned is not True,
+            f'model.roi_head.{name}: only mmcv RoIAlign(sampling_ratio=0, '
+            f'aligned=True) is implemented, got sampling_ratio='
+            f'{ext.sampling_ratio!r}, aligned={ext.aligned!r}')
+  _refuse(t.rcnn.mask_size != 2 * r.mask_roi_extractor.output_size,
+          f'train.rcnn.mask_size is {t.rcnn.mask_size} but the mask head '
+          f'predicts 2 x mask_roi_extractor.output_size = '
+          f'{2 * r.mask_roi_extractor.output_size}')
+  _refuse(d.source not in ('coco', 'tfds', 'synthetic'),
+          f"data.source must be 'coco', 'tfds' or 'synthetic', got "
+          f'{d.source!r}')
+  _refuse(bool(d.coco_dir) and d.source != 'coco',
+          f'data.coco_dir={d.coco_dir!r} does not apply with '
+          f"data.source={d.source!r} (set data.source='coco')")
+  _refuse(bool(d.tfds_data_dir) and d.source != 'tfds',
+          f'data.tfds_data_dir={d.tfds_data_dir!r} does not apply with '
+          f"data.source={d.source!r} (set data.source='tfds')")
+  _refuse(t.optimizer not in ('sgd', 'adamw'),
+          f"train.optimizer must be 'sgd' or 'adamw', got {t.optimizer!r}")
+  _refuse(t.optimizer == 'adamw' and t.momentum != schema['train.momentum'],
+          f'train.momentum={t.momentum} does not apply with '
+          "train.optimizer='adamw'")
+  _refuse(bool(t.init_skip_patterns) and not t.init_checkpoint,
+          f'train.init_skip_patterns={tuple(t.init_skip_patterns)} does not '
+          'apply without train.init_checkpoint')
+  _refuse(t.compute_dtype not in ('float32', 'bfloat16'),
+          "train.compute_dtype must be 'float32' or 'bfloat16', got "
+          f'{t.compute_dtype!r}')
+
+
+def check_dataset_classes(config: ml_collections.ConfigDict,
+                          cat_ids: Sequence[int], class_names: Sequence[str],
+                          dataset: str) -> None:
+  """Refuses a dataset whose categories do not fit the model.
+
+  mmdetection's ``NumClassCheckHook``: the dataset's categories (sorted ids;
+  label i <-> cat_ids[i]) must number ``model.num_classes`` and be
+  ``data.category_ids`` (so that predictions name the right categories).
+
+  Raises:
+    ConfigError: naming the dataset's categories and the model's count.
+  """
+  n = config.model.num_classes
+  cats = ', '.join(f'{i}:{name}' for i, name in zip(cat_ids, class_names))
+  if len(cat_ids) != n:
+    raise ConfigError(
+        f'{dataset} has {len(cat_ids)} categories ({cats}) but the model has '
+        f'model.num_classes={n}; set --config.model.num_classes='
+        f'{len(cat_ids)} and data.category_ids / data.class_names to the '
+        "dataset's categories")
+  if tuple(cat_ids) != tuple(config.data.category_ids):
+    raise ConfigError(
+        f'{dataset} has category ids {tuple(cat_ids)} ({cats}) but '
+        f'data.category_ids is {tuple(config.data.category_ids)}; set '
+        "data.category_ids and data.class_names to the dataset's categories")

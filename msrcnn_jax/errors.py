@@ -3,8 +3,8 @@
 A user error is a mistake in what the user gave a command: a path, a
 dataset, a config or a checkpoint. The code that validates that input raises
 ``UserError`` (or a subclass: ``data.coco.CocoFormatError``,
-``data.image_io.ImageReadError``, ``convert.checkpoint_io.CheckpointError``,
-``convert.mmdet.ConversionError``, ``modeling.build.VariablesMismatchError``,
+``data.image_io.ImageReadError``, ``variables.CheckpointError``,
+``convert.mmdet.ConversionError``, ``variables.VariablesMismatchError``,
 ``ConfigError``) with a message naming the file, id, key, shape or value.
 
 ``run(main)`` is the entry point of every command-line tool (``train.py``,

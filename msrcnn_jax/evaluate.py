@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Sequence
 
 from absl import app
@@ -23,6 +24,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from msrcnn_jax import compilation_cache
+from msrcnn_jax import config as config_lib
 from msrcnn_jax import errors
 from msrcnn_jax.data import pipeline
 from msrcnn_jax.evaluation.run import evaluate_model, write_json
@@ -30,8 +33,10 @@ from msrcnn_jax.modeling import build
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Model config file (configs/<name>.py).')
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None,
-                                  'Converted or trained checkpoint directory.')
+_CHECKPOINT = flags.DEFINE_string(
+    'checkpoint', None,
+    'A converted variables directory, a training workdir (its newest '
+    'step) or a step directory (<workdir>/checkpoints/<step>).')
 _COCO_DIR = flags.DEFINE_string('coco-dir', None, 'Local COCO directory.')
 _SPLIT = flags.DEFINE_string('split', 'val2017', 'Split to evaluate.')
 _MAX_IMAGES = flags.DEFINE_integer('max-images', 0, '0 = the whole split.',
@@ -46,6 +51,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore step
+  compilation_cache.enable()
   config = _CONFIG.value
   if config is None or not _CHECKPOINT.value or not _COCO_DIR.value:
     raise app.UsageError('--config, --checkpoint and --coco-dir are required.')
@@ -54,6 +60,7 @@ def main(argv: Sequence[str]) -> None:
     config.data.coco_dir = _COCO_DIR.value
     config.data.val_split = _SPLIT.value
   output_dir = os.path.dirname(os.path.abspath(_OUTPUT.value))
+  build.validate_config(config)
   source = pipeline.build_source(config, train=False)
   variables, _ = build.load_checked_variables(config, _CHECKPOINT.value)
   os.makedirs(output_dir, exist_ok=True)
@@ -68,4 +75,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
+  config_lib.exit_on_unknown_overrides(sys.argv)
   errors.run(main)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Sequence
 
 from absl import app
@@ -24,6 +25,8 @@ from absl import logging
 import cv2
 from ml_collections import config_flags
 
+from msrcnn_jax import compilation_cache
+from msrcnn_jax import config as config_lib
 from msrcnn_jax import errors
 from msrcnn_jax import postprocess
 from msrcnn_jax import serving
@@ -35,7 +38,9 @@ from msrcnn_jax.modeling import build
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Model config file (configs/<name>.py).')
 _CHECKPOINT = flags.DEFINE_string(
-    'checkpoint', None, 'Converted or trained checkpoint directory.')
+    'checkpoint', None,
+    'A converted variables directory, a training workdir (its newest '
+    'step) or a step directory (<workdir>/checkpoints/<step>).')
 _OUTPUT = flags.DEFINE_string('output', 'results.json', 'Output JSON file.')
 _VIS_DIR = flags.DEFINE_string(
     'vis-dir', None, 'If set, write a PNG per image with masks, boxes, '
@@ -70,10 +75,13 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError('Give at least one image path.')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore step
+  compilation_cache.enable()
   config = _CONFIG.value
   if _EXPORTED.value is None and (config is None or _CHECKPOINT.value is None):
     raise app.UsageError('--config and --checkpoint (or --exported) are '
                          'required.')
+  if _EXPORTED.value is None:
+    build.validate_config(config)
   _check_images(paths)
   if _EXPORTED.value is not None:
     predictor = serving.ExportedPredictor(_EXPORTED.value)
@@ -108,4 +116,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
+  config_lib.exit_on_unknown_overrides(sys.argv)
   errors.run(main)

@@ -112,6 +112,12 @@ class ExportedPredictor(Predictor):
     except (OSError, ValueError, KeyError) as e:
       raise ExportError(f'cannot read weights {weights_path}: {e}') from e
     self._programs: dict[tuple[int, int], Any] = {}
+    # Predictor's post-processing state: masks pasted on the host, records
+    # made in this process.
+    self.paste_on_device = False
+    self.postprocess_workers = 0
+    self.timings: dict[str, float] = {}
+    self._pool = None
 
   def _check_batch_size(self, n: int) -> None:
     if int(n) != self.batch_size:
@@ -144,8 +150,9 @@ class ExportedPredictor(Predictor):
         raise ExportError(f'cannot read program {path}: {e}') from e
     return self._programs[key]
 
-  def predict_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Outputs (numpy) of the bucket's program for a padded batch.
+  def detect(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Outputs of the bucket's program for a padded batch (device arrays;
+    the same keys as ``Predictor.detect``).
 
     Raises:
       ExportError: the batch size or bucket is not one the export has.
@@ -153,8 +160,7 @@ class ExportedPredictor(Predictor):
     image = batch['image']
     self._check_batch_size(image.shape[0])
     exp = self.program(image.shape[1:3])
-    out = exp.call(self.weights, *(np.asarray(batch[k]) for k in BATCH_KEYS))
-    return jax.device_get(out)
+    return exp.call(self.weights, *(np.asarray(batch[k]) for k in BATCH_KEYS))
 
   def predict_images(self, paths: Sequence[str], batch_size: int | None = None,
                      progress: bool = True) -> list[dict[str, Any]]:

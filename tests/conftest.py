@@ -11,6 +11,13 @@ import os
 import numpy as np
 import pytest
 
+# Tests compile for the CPU only, also where the accelerator extra (CUDA
+# plugin, libtpu) is installed; accelerator targets are compiled deviceless
+# (tests/test_accelerator_compile.py). No persistent compilation cache: tests
+# stay independent of earlier runs and of each other under -n 2.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('MSRCNN_COMPILATION_CACHE', '0')
+
 from msrcnn_jax.config import ms_rcnn_config
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures', 'mmdet')
@@ -51,14 +58,11 @@ def fixture_config(set_name):
   m.neck.in_channels = list(ref['model']['neck']['in_channels'])
   fpn = ref['model']['neck']['out_channels']
   m.neck.out_channels = fpn
-  m.rpn_head.in_channels = m.rpn_head.feat_channels = fpn
+  m.rpn_head.feat_channels = fpn
   rh = ref['model']['roi_head']
   fc = rh['bbox_head']['fc_out_channels']
-  m.roi_head.bbox_head.in_channels = fpn
   m.roi_head.bbox_head.fc_out_channels = fc
-  m.roi_head.mask_head.in_channels = fpn
   m.roi_head.mask_head.conv_out_channels = rh['mask_head']['conv_out_channels']
-  m.roi_head.mask_iou_head.in_channels = rh['mask_iou_head']['in_channels']
   m.roi_head.mask_iou_head.conv_out_channels = (
       rh['mask_iou_head']['conv_out_channels'])
   m.roi_head.mask_iou_head.fc_out_channels = (

@@ -219,7 +219,7 @@ def test_predict_errors(converted, tmp_path):
   # A checkpoint converted for the x101 config, run with the r50 one.
   _failed(predict(ckpt_x101, image), ckpt_x101, 'does not fit config',
           'params/backbone/layer4_2/conv2/kernel',
-          "converted for config 'ms_rcnn_x101_32x4d_fpn_1x_coco'")
+          "written for config 'ms_rcnn_x101_32x4d_fpn_1x_coco'")
   not_png = tmp_path / 'x.png'
   not_png.write_text('not an image\n')
   _failed(predict(ckpt_r50, image, str(not_png)), str(not_png),

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import fixture_config, fixture_path
-from msrcnn_jax.convert import checkpoint_io
+from msrcnn_jax import variables as variables_lib
 from msrcnn_jax.convert import mmdet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,8 +114,7 @@ def test_expected_shapes_agree_with_the_detector(set_name):
   build = pytest.importorskip('msrcnn_jax.modeling.build')
   cfg = fixture_config(set_name)
   ours = mmdet.expected_variable_shapes(cfg)
-  spine = {k: tuple(v.shape) for k, v in
-           build.flatten(build.variable_shapes(cfg)).items()}
+  spine = variables_lib.shapes(build.variable_shapes(cfg))
   assert ours == spine
 
 
@@ -239,11 +238,11 @@ def test_backbone_only_imagenet_keys():
 
 
 def test_checkpoint_io_errors(tmp_path):
-  with pytest.raises(checkpoint_io.CheckpointError, match='not found'):
-    checkpoint_io.load_variables(str(tmp_path / 'missing'))
+  with pytest.raises(variables_lib.CheckpointError, match='not found'):
+    variables_lib.load_variables(str(tmp_path / 'missing'))
   (tmp_path / 'empty').mkdir()
-  with pytest.raises(checkpoint_io.CheckpointError, match='not an msrcnn'):
-    checkpoint_io.load_variables(str(tmp_path / 'empty'))
+  with pytest.raises(variables_lib.CheckpointError, match='not an msrcnn'):
+    variables_lib.load_variables(str(tmp_path / 'empty'))
 
 
 def test_cli_round_trip(tmp_path):
@@ -264,7 +263,7 @@ def test_cli_round_trip(tmp_path):
   assert run.returncode == 0, run.stderr[-3000:]
   assert 'tensors mapped: 321' in run.stdout
   assert 'num_batches_tracked: 53' in run.stdout
-  variables, meta = checkpoint_io.load_variables(str(out))
+  variables, meta = variables_lib.load_variables(str(out))
   assert meta['config_name'] == 'ms_rcnn_r50_caffe_fpn_1x_coco'
   assert meta['source'] == os.path.abspath(ckpt)
   sd, _ = _tiny('r50_caffe_tiny')
@@ -285,5 +284,5 @@ def test_cli_round_trip(tmp_path):
                        timeout=300)
   assert run.returncode == 1
   assert 'params/rpn_head/rpn_cls/bias' in run.stderr
-  assert checkpoint_io.load_variables(str(out))[1]['source'] == (
+  assert variables_lib.load_variables(str(out))[1]['source'] == (
       os.path.abspath(ckpt))

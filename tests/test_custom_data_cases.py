@@ -372,11 +372,7 @@ def _with_classes(sd, n):
 
 
 def _set_classes(cfg, n):
-  m = cfg.model
-  m.num_classes = n
-  for head in (m.roi_head.bbox_head, m.roi_head.mask_head,
-               m.roi_head.mask_iou_head):
-    head.num_classes = n
+  cfg.model.num_classes = n     # the one class-count key every head reads
   return cfg
 
 
@@ -461,14 +457,16 @@ def test_cli_config_checkpoint_and_path_errors_are_one_line(tmp_path):
   # Config mistakes: a typo in an override of the default config, a
   # missing config file, an unknown data source, an unparsable value.
   _one_error_line(_cli('train.py', '--config.train.max_step=5'),
-                  'Did you mean "max_steps"')
+                  'unknown config key train.max_step',
+                  'did you mean train.max_steps')
   _one_error_line(_cli('train.py', '--config', str(tmp_path / 'nope.py')),
                   'nope.py', 'No such file')
   _one_error_line(_cli('train.py', '--config.train.max_steps=abc'),
                   '--config.train.max_steps=abc')
   _one_error_line(_cli('train.py', '--config.data.source=cocoa',
                        f'--workdir={tmp_path / "w"}'),
-                  "unknown config.data.source 'cocoa'")
+                  "data.source must be 'coco', 'tfds' or 'synthetic', got "
+                  "'cocoa'")
   # A v2 checkpoint fine-tuned on 81 classes, converted with an 80-class
   # config (the ckpt_81cls case, rebuilt from the fixture model).
   sd, meta = _fixture_state_dict()

@@ -25,6 +25,7 @@ import subprocess
 import sys
 
 import cv2
+import jax
 import numpy as np
 import pytest
 
@@ -33,7 +34,7 @@ from test_cli import _config_file, _failed, _run
 
 from msrcnn_jax import postprocess
 from msrcnn_jax import serving
-from msrcnn_jax.convert import checkpoint_io
+from msrcnn_jax import variables as variables_lib
 from msrcnn_jax.convert import mmdet
 from msrcnn_jax.data import image_io
 from msrcnn_jax.data import transforms
@@ -51,7 +52,7 @@ def exported(tmp_path_factory):
   config = fixture_config(SET)
   variables, _ = mmdet.convert_checkpoint(
       fixture_path(SET, 'checkpoint.pth'), config)
-  ckpt = checkpoint_io.save_variables(str(d / 'ckpt'), variables,
+  ckpt = variables_lib.save_variables(str(d / 'ckpt'), variables,
                                       dict(config_name=config.name))
   cfg_file = _config_file(d, SET)
   out = str(d / 'exported')
@@ -94,7 +95,7 @@ def test_exported_program_and_saved_model_equal_the_jitted_model(
   config, predictor, _, _, out = exported
   variables = predictor.variables
   batch = _batch(config)
-  ref = predictor.predict_batch(batch)
+  ref = jax.device_get(predictor.detect(batch))
   assert int(ref['valid'].sum()) > 0
 
   contract = serving.read_contract(out)
@@ -104,7 +105,7 @@ def test_exported_program_and_saved_model_equal_the_jitted_model(
   assert len(contract['class_names']) == 80
   assert contract['outputs']['boxes']['shape'] == [2, 100, 4]
 
-  _assert_same_outputs(serving.ExportedPredictor(out).predict_batch(batch),
+  _assert_same_outputs(jax.device_get(serving.ExportedPredictor(out).detect(batch)),
                        ref)
 
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -124,8 +125,10 @@ def test_exported_program_and_saved_model_equal_the_jitted_model(
   export.export_detector(config, variables, bf16, batch_size=2,
                          buckets=[(320, 512)], dtype='bfloat16',
                          saved_model=False)
-  ref16 = Predictor(config, variables, dtype='bfloat16').predict_batch(batch)
-  _assert_same_outputs(serving.ExportedPredictor(bf16).predict_batch(batch),
+  ref16 = jax.device_get(
+      Predictor(config, variables, dtype='bfloat16').detect(batch))
+  _assert_same_outputs(
+      jax.device_get(serving.ExportedPredictor(bf16).detect(batch)),
                        ref16)
 
 

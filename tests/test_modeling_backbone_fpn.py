@@ -16,6 +16,7 @@ from msrcnn_jax.convert import mmdet
 from msrcnn_jax.modeling import layers
 from msrcnn_jax.modeling.backbone import ResNet, bottleneck_width
 from msrcnn_jax.modeling.fpn import FPN
+from msrcnn_jax.ops import padding
 
 TOL = 1e-4
 # ResNeXt-101's 23-block layer3 amplifies float32 rounding: evaluated in
@@ -61,9 +62,9 @@ def test_resnext_width_rule():
 
 def test_valid_size_and_mask():
   pad = jnp.array([[320, 481], [64, 32]], jnp.int32)
-  np.testing.assert_array_equal(layers.valid_size(pad, 4), [[80, 121],
+  np.testing.assert_array_equal(padding.valid_size(pad, 4), [[80, 121],
                                                             [16, 8]])
-  np.testing.assert_array_equal(layers.valid_size(pad, 64), [[5, 8], [1, 1]])
+  np.testing.assert_array_equal(padding.valid_size(pad, 64), [[5, 8], [1, 1]])
   x = jnp.ones((2, 4, 5, 3))
   y = layers.mask_invalid(x, jnp.array([[2, 3], [4, 5]]))
   assert float(y[0].sum()) == 2 * 3 * 3 and float(y[1].sum()) == 4 * 5 * 3

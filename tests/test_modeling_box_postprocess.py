@@ -94,3 +94,19 @@ def test_candidate_cap():
   np.testing.assert_array_equal(capped['labels'][0][:n],
                                 full['labels'][0][:n])
   np.testing.assert_array_equal(capped['boxes'][0][:n], full['boxes'][0][:n])
+
+
+def test_saturated_scores_are_ranked_by_log_odds():
+  """Softmax scores of logits (20, 0) and (25, 0) both round to 1.0 in
+  float32; the second RoI is the more probable one and must win NMS (IoU
+  0.704 > 0.5), although it comes later. ~2 s."""
+  rois = np.array([[[0, 0, 10, 10], [0, 0, 10, 14.2]]], np.float32)
+  out = _run(dict(rois=rois, roi_valid=np.ones((1, 2), bool),
+                  cls_logits=np.array([[[20., 0.], [25., 0.]]], np.float32),
+                  deltas=np.zeros((1, 2, 4), np.float32),
+                  img_shape=np.array([[64, 64]], np.int32),
+                  scale_factor=np.ones((1, 4), np.float32)),
+             max_per_img=2)
+  assert out['valid'][0].tolist() == [True, False]
+  np.testing.assert_allclose(out['boxes'][0, 0], rois[0, 1], atol=1e-4)
+  assert out['scores'][0, 0] == 1.0

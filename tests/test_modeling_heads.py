@@ -64,7 +64,7 @@ def test_mask_and_maskiou_heads_match_mmdet(set_name, image):
   labels = ref['det_labels'][:k].astype(np.int64)
   mask_head = FCNMaskHead(rh.mask_head.num_convs,
                           rh.mask_head.conv_out_channels,
-                          rh.mask_head.num_classes)
+                          cfg.model.num_classes)
   logits = jax.jit(mask_head.apply)({'params': params['mask_head']},
                                     jnp.asarray(feats))
   assert logits.shape == (k, 28, 28, 80)
@@ -73,7 +73,7 @@ def test_mask_and_maskiou_heads_match_mmdet(set_name, image):
 
   ih = rh.mask_iou_head
   iou_head = MaskIoUHead(ih.num_convs, ih.num_fcs, ih.conv_out_channels,
-                         ih.fc_out_channels, ih.num_classes)
+                         ih.fc_out_channels, cfg.model.num_classes)
   iou = jax.jit(iou_head.apply)({'params': params['mask_iou_head']},
                                 jnp.asarray(feats), jnp.asarray(picked))
   assert iou.shape == (k, 80)

@@ -153,3 +153,33 @@ def test_train_mode_proposals_match_mmdet(tiny_set):
   boxes, scores, valid = _run(cls, reg, *_shapes(d), nms_pre=2000)
   assert valid.sum() == len(ref)
   assert _match_fraction(ref, boxes[0], scores[0], valid[0]) >= 0.999
+
+
+def test_saturated_scores_are_ranked_by_logit():
+  """Issue 9: logits 16.07, 16.27, 15.61 all have the float32 sigmoid
+  0.99999988; the anchor with the highest logit must win NMS. ~3 s.
+
+  One level, stride 16, one 16x16 anchor per cell on a 1x3 map; the deltas
+  decode to A = [20, 20, 30, 30], B = [20, 20, 30, 34.2], C = [20, 20, 30,
+  27.5] (IoU(A, B) = 0.704 and IoU(A, C) = 0.75 above 0.7, IoU(B, C) =
+  0.528 below). Ranked by score, A (first index) would suppress B and C.
+  """
+  logits = np.array([16.07, 16.27, 15.61], np.float32)
+  assert len(set(np.asarray(jax.nn.sigmoid(logits)).tolist())) == 1
+  want = np.array([[20, 20, 30, 30], [20, 20, 30, 34.2], [20, 20, 30, 27.5]],
+                  np.float64)
+  anchors = np.array([[-8 + 16 * x, -8, 8 + 16 * x, 8] for x in range(3)],
+                     np.float64)
+  ctr = lambda b: ((b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2)
+  (wx, wy), (ax, ay) = ctr(want), ctr(anchors)
+  deltas = np.stack([(wx - ax) / 16, (wy - ay) / 16,
+                     np.log((want[:, 2] - want[:, 0]) / 16),
+                     np.log((want[:, 3] - want[:, 1]) / 16)], -1)
+  boxes, scores, valid = _run(
+      [logits.reshape(1, 1, 3, 1)], [deltas.reshape(1, 1, 3, 4)],
+      np.array([[64, 64]], np.int32), np.array([[64, 64]], np.int32),
+      strides=(16,), scales=(1,), ratios=(1.0,), nms_pre=3, max_per_img=3,
+      iou_threshold=0.7)
+  assert valid[0].tolist() == [True, True, False]
+  np.testing.assert_allclose(boxes[0, :2], want[[1, 2]], atol=1e-4)
+  np.testing.assert_allclose(scores[0, :2], 0.99999988, atol=1e-7)

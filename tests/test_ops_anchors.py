@@ -4,6 +4,7 @@ import numpy as np
 
 from conftest import fixture_path
 from msrcnn_jax.ops import anchors as anchors_lib
+from msrcnn_jax.ops import padding
 
 
 def _train_npz(set_name):
@@ -52,7 +53,7 @@ def test_valid_flags_in_larger_bucket(tiny_set):
   assert v[1].all()
   # ceil: a 100x100 pad shape has 2x2 valid cells at stride 64.
   v6 = np.asarray(anchors_lib.level_valid_flags(
-      (3, 3), anchors_lib.valid_feature_size(np.array([100, 100]), 64), 1))
+      (3, 3), padding.valid_size(np.array([100, 100]), 64), 1))
   assert v6.reshape(3, 3).tolist() == [[1, 1, 0], [1, 1, 0], [0, 0, 0]]
 
 

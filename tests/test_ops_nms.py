@@ -162,3 +162,31 @@ def test_random_batched_with_offsets_jit_vmap():
     sel = np.nonzero(valid[i])[0]
     ref = sel[ref_nms(boxes[i, sel], scores[i, sel], 0.5, idxs[i, sel])]
     assert keep[i][kv[i]].tolist() == ref.tolist()
+
+
+# The tie case of issue 9 (17 boxes, so that a sort of more than 16 elements
+# runs): A and B tie at 0.9, IoU(A, B) = 100 / 142 = 0.704 > 0.7,
+# IoU(A, C) = 75 / 100 = 0.75 > 0.7, IoU(B, C) = 75 / 142 = 0.528 < 0.7, and
+# 14 disjoint boxes. mmcv's CPU nms at 0.7 kept B and C (its unstable sort put
+# B first); its order at exact ties is not a target.
+TIE_BOXES = np.array([[0, 0, 10, 10], [0, 0, 10, 14.2], [0, 0, 10, 7.5]]
+                     + [[100 + 20 * i, 0, 110 + 20 * i, 10]
+                        for i in range(14)], np.float32)
+TIE_SCORES = np.concatenate([[0.9, 0.9, 0.8], np.linspace(0.7, 0.1, 14)]
+                            ).astype(np.float32)
+
+
+def test_exact_ties_keep_the_lower_index_and_distinct_keys_decide():
+  """~1 s."""
+  valid = jnp.ones((17,), bool)
+  run = jax.jit(functools.partial(nms_lib.nms, iou_threshold=0.7,
+                                  max_output=17))
+  keep, kv = run(jnp.asarray(TIE_BOXES), jnp.asarray(TIE_SCORES), valid)
+  # A (index 0) comes first at the tie and suppresses B and C.
+  assert np.asarray(keep)[np.asarray(kv)].tolist() == [0] + list(range(3, 17))
+  # Ranked by keys without the tie (e.g. logits), B first: B and C survive.
+  keys = TIE_SCORES.copy()
+  keys[1] = np.nextafter(keys[1], np.float32(1))
+  keep, kv = run(jnp.asarray(TIE_BOXES), jnp.asarray(keys), valid)
+  assert np.asarray(keep)[np.asarray(kv)].tolist() == [1, 2] + list(
+      range(3, 17))

@@ -10,6 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from msrcnn_jax import variables as variables_lib
 from msrcnn_jax.training import checkpointing
 from msrcnn_jax.training import optimizer
 from msrcnn_jax.training import train_step as train_step_lib
@@ -152,7 +153,6 @@ def test_crash_during_save_keeps_previous(tmp_path, monkeypatch):
 
 
 def test_init_checkpoint_backbone_only(tmp_path):
-  from msrcnn_jax.convert import checkpoint_io
   from msrcnn_jax.training import partitioning
   task = StandInTask()
   init = jax.jit(task.init_variables)
@@ -160,10 +160,10 @@ def test_init_checkpoint_backbone_only(tmp_path):
   other = jax.device_get(init(jax.random.key(7), make_batch(0, 1)))
   backbone = {'params': {'backbone': other['params']['backbone']},
               'batch_stats': {'backbone': other['batch_stats']['backbone']}}
-  checkpoint_io.save_variables(str(tmp_path / 'bb'), backbone,
+  variables_lib.save_variables(str(tmp_path / 'bb'), backbone,
                                {'config_name': 'standin', 'source': 'test'})
   mesh = partitioning.make_mesh()
-  merged, report = trainer._load_init_checkpoint(
+  merged, report = trainer.load_init_checkpoint(
       str(tmp_path / 'bb'), ours, partitioning.replicated_sharding(mesh))
   np.testing.assert_array_equal(
       merged['params']['backbone']['layer2_0']['conv1']['kernel'],
@@ -174,8 +174,10 @@ def test_init_checkpoint_backbone_only(tmp_path):
   assert 'params/head/kernel' in report['missing']
   bad_shape = jax.tree.map(lambda x: x, backbone)
   bad_shape['params']['backbone']['conv1']['kernel'] = np.zeros((5, 4))
-  with pytest.raises(ValueError, match='shape mismatches.*conv1/kernel'):
-    trainer.merge_init_variables(ours, bad_shape)
+  with pytest.raises(variables_lib.VariablesMismatchError,
+                     match=r'shape: params/backbone/conv1/kernel has \(5, 4\)'):
+    variables_lib.merge_variables(ours, bad_shape)
   extra = {'params': {'backbone': {'fc': {'kernel': np.zeros((2, 2))}}}}
-  with pytest.raises(ValueError, match='unexpected.*backbone/fc/kernel'):
-    trainer.merge_init_variables(ours, extra)
+  with pytest.raises(variables_lib.VariablesMismatchError,
+                     match='unexpected: params/backbone/fc/kernel'):
+    variables_lib.merge_variables(ours, extra)

@@ -14,14 +14,17 @@ import numpy as np
 import pytest
 
 from conftest import fixture_path
-from msrcnn_jax.modeling import targets as T
+from msrcnn_jax.modeling.heads.mask_head import mask_targets
+from msrcnn_jax.modeling.heads.maskiou_head import maskiou_targets
+from msrcnn_jax.modeling.roi_heads import rcnn_targets
+from msrcnn_jax.modeling.rpn import rpn_targets
 from msrcnn_jax.ops import matching
 
-_rpn_targets = jax.jit(T.rpn_targets)
-_rcnn_targets = jax.jit(T.rcnn_targets)
-_mask_targets = jax.jit(T.mask_targets,
+_rpn_targets = jax.jit(rpn_targets)
+_rcnn_targets = jax.jit(rcnn_targets)
+_mask_targets = jax.jit(mask_targets,
                         static_argnames=('mask_size', 'max_samples'))
-_maskiou_targets = jax.jit(T.maskiou_targets)
+_maskiou_targets = jax.jit(maskiou_targets)
 
 
 def _train(set_name):

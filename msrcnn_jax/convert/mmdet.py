@@ -26,7 +26,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import ml_collections
 import numpy as np
 
+from msrcnn_jax import variables as variables_lib
 from msrcnn_jax.errors import UserError
+from msrcnn_jax.modeling import build
 from msrcnn_jax.modeling.backbone import STAGE_BLOCKS
 
 Shape = Tuple[int, ...]
@@ -131,11 +133,9 @@ def expected_variable_shapes(config, backbone_only: bool = False
 @functools.lru_cache(maxsize=32)
 def _expected_shapes(model_json: str) -> Dict[str, Shape]:
   """The spine's variable shapes for a ``config.model`` (as JSON)."""
-  from msrcnn_jax.modeling import build  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict()
   config.model = ml_collections.ConfigDict(json.loads(model_json))
-  return {k: tuple(v.shape) for k, v in
-          build.flatten(build.variable_shapes(config)).items()}
+  return variables_lib.shapes(build.variable_shapes(config))
 
 
 # ---------------------------------------------------------------- renaming
@@ -302,7 +302,7 @@ def _class_count_note(shapes: Mapping[str, Shape], config,
   """The checkpoint-vs-config class-count difference, if any."""
   per_key = checkpoint_num_classes(shapes)
   m = config.model if hasattr(config, 'model') else config
-  want = int(m.roi_head.bbox_head.num_classes)
+  want = int(m.num_classes)
   counts = sorted(set(per_key.values()))
   if not counts or counts == [want]:
     return []

@@ -252,7 +252,9 @@ class CocoEvaluator:
     self.records = []
     self.metrics_result = None
 
-  def _img_ids(self) -> Optional[List[int]]:
+  def img_ids(self) -> Optional[List[int]]:
+    """The image ids evaluated: those of the added records with
+    ``only_seen_images``, else None (every image of the annotations)."""
     if not self.only_seen_images:
       return None
     return sorted({int(r['image_id']) for r in self.records})
@@ -264,7 +266,7 @@ class CocoEvaluator:
   def evaluate(self) -> Dict[str, Any]:
     """Runs COCOeval for each metric; writes the files; returns metrics."""
     bbox_results, segm_results = self.results()
-    img_ids = self._img_ids()
+    img_ids = self.img_ids()
     stats: Dict[str, List[float]] = {}
     metrics = evaluate_coco(
         self.coco_gt, bbox_results, segm_results, metrics=self.metrics,
@@ -284,19 +286,3 @@ class CocoEvaluator:
         json.dump(payload, f, indent=2)
     self.metrics_result = metrics
     return metrics
-
-  def mask_scoring_report(self) -> Tuple[Dict[str, Any], str]:
-    """``mask_scoring_report`` of the added records (after ``evaluate``).
-
-    Reuses the segm metrics of the last ``evaluate`` call; writes
-    ``mask_scoring_report.json`` and the scatter PNG to ``output_dir``.
-
-    Returns:
-      ``(summary, log)`` as ``mask_scoring_report.mask_scoring_report``.
-    """
-    # Imported here: mask_scoring_report imports this module.
-    from msrcnn_jax.evaluation import mask_scoring_report as msr
-    return msr.mask_scoring_report(
-        self.coco_gt, self.records, self.category_ids,
-        output_dir=self.output_dir, metrics=self.metrics_result,
-        img_ids=self._img_ids())

@@ -16,6 +16,7 @@ import numpy as np
 import tqdm
 
 from msrcnn_jax.data import pipeline
+from msrcnn_jax.evaluation import mask_scoring_report
 from msrcnn_jax.evaluation.coco_evaluator import CocoEvaluator
 from msrcnn_jax.inference import Predictor
 from msrcnn_jax.ops.masks import encode_rle
@@ -129,6 +130,7 @@ def evaluate_model(config: ml_collections.ConfigDict, variables: dict,
                               else source)
   cat_ids = list(getattr(source.source if isinstance(source, _Subset)
                          else source, 'cat_ids', config.data.category_ids))
+  own_predictor = predictor is None
   predictor = predictor or Predictor(config, variables)
   # The whole split in this process, also when it is one host of several
   # (train.py evaluates on process 0 only).
@@ -137,7 +139,7 @@ def evaluate_model(config: ml_collections.ConfigDict, variables: dict,
       process_count=1)
   evaluator = CocoEvaluator(coco_gt, cat_ids, output_dir=output_dir,
                             prefix='results')
-  num_classes = config.model.roi_head.bbox_head.get('num_classes', 80)
+  num_classes = config.model.num_classes
   if num_classes > len(cat_ids):
     logging.warning(
         'The model has %d classes but the dataset only %d categories; '
@@ -156,11 +158,18 @@ def evaluate_model(config: ml_collections.ConfigDict, variables: dict,
   finally:
     bar.close()
     batches.close()
+    if own_predictor:
+      predictor.close()   # its post-processing worker processes
+  logging.info('evaluation host/device seconds: %s',
+               {k: round(v, 2) for k, v in predictor.timings.items()})
   if dropped:
     logging.warning('%d detections with labels outside the dataset\'s %d '
                     'categories dropped.', dropped, len(cat_ids))
   metrics = evaluator.evaluate()
-  summary, log = evaluator.mask_scoring_report()
+  summary, log = mask_scoring_report.mask_scoring_report(
+      evaluator.coco_gt, evaluator.records, evaluator.category_ids,
+      output_dir=evaluator.output_dir, metrics=evaluator.metrics_result,
+      img_ids=evaluator.img_ids())
   logging.info('%s', log)
   print(log)
   metrics['mask_scoring'] = summary

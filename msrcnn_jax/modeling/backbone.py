@@ -8,6 +8,7 @@ block 0, ``downsample_0`` (1x1 conv) / ``downsample_1`` (BN).
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, List, Sequence
 
 import flax.linen as nn
@@ -15,9 +16,11 @@ import jax
 import jax.numpy as jnp
 
 from msrcnn_jax.modeling import layers
+from msrcnn_jax.ops import padding
 
 STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 EXPANSION = 4
+_LAYER_RE = re.compile(r'^layer(\d+)_\d+$')
 
 
 def bottleneck_width(planes: int, groups: int, base_width: int,
@@ -150,6 +153,16 @@ class ResNet(nn.Module):
     # Lists assigned in setup are named layer1_0, layer1_1, ...
     self.layer1, self.layer2, self.layer3, self.layer4 = stages
 
+  @staticmethod
+  def stage_of(name: str) -> int | None:
+    """The stage of a top-level parameter scope, for ``frozen_stages``
+    (mmdet ``ResNet._freeze_stages``): 0 for the stem (``conv1``, ``bn1``),
+    i for the blocks ``layer{i}_*``."""
+    if name in ('conv1', 'bn1'):
+      return 0
+    found = _LAYER_RE.match(name)
+    return int(found.group(1)) if found else None
+
   def __call__(self, x: jnp.ndarray,
                valid_hw: jnp.ndarray) -> List[jnp.ndarray]:
     """Computes C2..C5.
@@ -162,7 +175,7 @@ class ResNet(nn.Module):
     Returns:
       ``[C2, C3, C4, C5]``, ``(B, H/s, W/s, C)`` for s = 4, 8, 16, 32 and
       C = 4 * base_channels * (1, 2, 4, 8); zero beyond
-      ``valid_size(valid_hw, s)``.
+      ``padding.valid_size(valid_hw, s)``.
     """
     if x.shape[1] % 32 or x.shape[2] % 32:
       raise ValueError(f'input height and width must be multiples of 32 '
@@ -175,19 +188,19 @@ class ResNet(nn.Module):
     # (its -inf border padding). With -inf, windows wholly in the bucket
     # padding would stay -inf and turn layer1's kernel gradients into
     # -inf * 0 = NaN (issue 10).
-    y = layers.mask_invalid(y, layers.valid_size(valid_hw, 2))
+    y = layers.mask_invalid(y, padding.valid_size(valid_hw, 2))
     y = layers.max_pool_3x3_s2(y)
-    y = layers.mask_invalid(y, layers.valid_size(valid_hw, 4))
+    y = layers.mask_invalid(y, padding.valid_size(valid_hw, 4))
     if self.frozen_stages >= 0:
       # mmdet freezes the stem when frozen_stages >= 0.
       y = jax.lax.stop_gradient(y)
     outs = []
-    valid = layers.valid_size(valid_hw, 4)
+    valid = padding.valid_size(valid_hw, 4)
     stages: Sequence[Sequence[Bottleneck]] = (
         self.layer1, self.layer2, self.layer3, self.layer4)
     for i, blocks in enumerate(stages):
       for b, block in enumerate(blocks):
-        valid_out = (layers.valid_size(valid_hw, 4 * 2**i)
+        valid_out = (padding.valid_size(valid_hw, 4 * 2**i)
                      if b == 0 else valid)
         y = block(y, valid, valid_out)
         valid = valid_out
@@ -196,3 +209,17 @@ class ResNet(nn.Module):
         y = jax.lax.stop_gradient(y)
       outs.append(y)
     return outs
+
+
+def resnet_from_config(cfg, dtype: Any = jnp.float32) -> ResNet:
+  """The ResNet/ResNeXt of ``config.model.backbone``.
+
+  Any backbone is a function ``(config.model.backbone, dtype) -> module``
+  whose module maps ``(images (B, H, W, 3), pad_shape (B, 2))`` to
+  ``[C2, C3, C4, C5]`` and has ``stage_of(name)`` (see ``ResNet.stage_of``);
+  ``modeling/build.py`` passes it to the detector.
+  """
+  return ResNet(depth=cfg.depth, style=cfg.style, groups=cfg.groups,
+                base_width=cfg.base_width, base_channels=cfg.base_channels,
+                frozen_stages=cfg.frozen_stages, bn_eps=cfg.bn_eps,
+                dtype=dtype, zero_init_residual=cfg.zero_init_residual)

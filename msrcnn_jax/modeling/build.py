@@ -2,28 +2,54 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from msrcnn_jax.errors import UserError
+from msrcnn_jax import config as config_lib
+from msrcnn_jax import variables as variables_lib
+from msrcnn_jax.modeling.backbone import resnet_from_config
 from msrcnn_jax.modeling.detector import MaskScoringRCNN
 
 
-class VariablesMismatchError(UserError, ValueError):
-  """Loaded variables do not fit the model a config describes."""
+def build_model(config: ml_collections.ConfigDict, dtype: Any = jnp.float32,
+                backbone_fn: Callable[..., Any] = resnet_from_config
+                ) -> MaskScoringRCNN:
+  """The detector of ``config``; ``backbone_fn(config.model.backbone,
+  dtype)`` builds its backbone (see ``backbone.resnet_from_config``)."""
+  return MaskScoringRCNN(config, dtype=dtype, backbone_fn=backbone_fn)
 
 
-def build_model(config: ml_collections.ConfigDict) -> MaskScoringRCNN:
-  return MaskScoringRCNN(config)
+def validate_config(config: ml_collections.ConfigDict,
+                    backbone_fn: Callable[..., Any] = resnet_from_config
+                    ) -> None:
+  """``config.validate`` plus the checks that need the modules:
+  ``model.neck.in_channels`` must be the backbone's output channels.
+
+  Raises:
+    ConfigError: naming the key.
+  """
+  config_lib.validate(config)
+  images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+  pad = jax.ShapeDtypeStruct((1, 2), jnp.int32)
+  backbone = backbone_fn(config.model.backbone, jnp.float32)
+  outs = jax.eval_shape(
+      lambda i, p: backbone.init_with_output(jax.random.key(0), i, p)[0],
+      images, pad)
+  channels = [int(o.shape[-1]) for o in outs]
+  if list(config.model.neck.in_channels) != channels:
+    raise config_lib.ConfigError(
+        f'model.neck.in_channels is {list(config.model.neck.in_channels)} '
+        f'but the backbone gives {channels} channels')
 
 
-def variable_shapes(config: ml_collections.ConfigDict,
-                    image_hw=(64, 64)) -> dict[str, Any]:
+def variable_shapes(config: ml_collections.ConfigDict, image_hw=(64, 64),
+                    backbone_fn: Callable[..., Any] = resnet_from_config
+                    ) -> dict[str, Any]:
   """``{'params': ..., 'batch_stats': ...}`` of ShapeDtypeStructs (no FLOPs)."""
-  model = build_model(config)
+  model = build_model(config, backbone_fn=backbone_fn)
   images = jax.ShapeDtypeStruct((1,) + tuple(image_hw) + (3,), jnp.float32)
   pad = jax.ShapeDtypeStruct((1, 2), jnp.int32)
   return jax.eval_shape(
@@ -31,54 +57,35 @@ def variable_shapes(config: ml_collections.ConfigDict,
                               method=MaskScoringRCNN.init_all), images, pad)
 
 
-def flatten(tree: Any) -> dict[str, Any]:
-  """``{'params/backbone/conv1/kernel': leaf, ...}``."""
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {'/'.join(str(getattr(k, 'key', k)) for k in path): leaf
-          for path, leaf in flat}
-
-
 def check_variables(config: ml_collections.ConfigDict, variables: Any,
-                    source: str = 'checkpoint') -> None:
-  """Raises ``VariablesMismatchError`` naming every missing, unexpected and
-  mis-shaped variable of ``variables`` against the model of ``config``."""
-  expected = {k: tuple(v.shape) for k, v in
-              flatten(variable_shapes(config)).items()}
-  got = {k: tuple(getattr(v, 'shape', ())) for k, v in
-         flatten(variables).items()}
-  missing = sorted(set(expected) - set(got))
-  unexpected = sorted(set(got) - set(expected))
-  shape = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
-  if missing or unexpected or shape:
-    lines = [f'{source} does not fit config {config.get("name", "?")!r}:']
-    lines += [f'  missing: {k} {expected[k]}' for k in missing]
-    lines += [f'  unexpected: {k} {got[k]}' for k in unexpected]
-    lines += [f'  shape: {k} has {got[k]}, config expects {expected[k]}'
-              for k in shape]
-    raise VariablesMismatchError('\n'.join(lines))
+                    source: str = 'checkpoint',
+                    made_for: str | None = None) -> None:
+  """``variables.check_variables`` against the model of ``config``.
+
+  Raises:
+    VariablesMismatchError: naming every missing, unexpected and mis-shaped
+      variable (and ``made_for``, the config the checkpoint was written for,
+      when it differs from ``config.name``).
+  """
+  variables_lib.check_variables(
+      variables_lib.shapes(variable_shapes(config)), variables, source=source,
+      model=config.get('name', '?'), made_for=made_for)
 
 
 def load_checked_variables(config: ml_collections.ConfigDict,
-                           directory: str) -> tuple[dict, dict]:
-  """Loads a converted/trained checkpoint and checks it fits ``config``.
+                           path: str) -> tuple[dict, dict]:
+  """Loads a converted directory, a training workdir (newest step) or a step
+  directory and checks that it fits ``config`` exactly.
 
   Returns:
     ``(variables, metadata)``.
 
   Raises:
-    CheckpointError: missing or unreadable checkpoint directory.
+    CheckpointError: missing or unreadable checkpoint.
     VariablesMismatchError: naming every mismatch, and the config the
-      checkpoint was converted for when its metadata says.
+      checkpoint was written for when its metadata says.
   """
-  from msrcnn_jax.convert import checkpoint_io  # pylint: disable=g-import-not-at-top
-  variables, meta = checkpoint_io.load_variables(directory)
-  try:
-    check_variables(config, variables, source=directory)
-  except VariablesMismatchError as e:
-    made_for = meta.get('config_name')
-    if made_for and made_for != config.get('name'):
-      raise VariablesMismatchError(
-          f'{e}\n(the checkpoint was converted for config {made_for!r})'
-      ) from e
-    raise
+  variables, meta = variables_lib.load_variables(path)
+  check_variables(config, variables, source=path,
+                  made_for=meta.get('config_name'))
   return variables, meta

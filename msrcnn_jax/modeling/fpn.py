@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from msrcnn_jax.modeling import layers
+from msrcnn_jax.ops import padding
 
 
 def upsample_nearest_2x(x: jnp.ndarray) -> jnp.ndarray:
@@ -55,12 +56,12 @@ class FPN(nn.Module):
 
     Args:
       feats: ``[C2, C3, C4, C5]``, ``(B, H/s, W/s, C_i)`` for s = 4..32, zero
-        beyond ``valid_size(valid_hw, s)``; H, W multiples of 32.
+        beyond ``padding.valid_size(valid_hw, s)``; H, W multiples of 32.
       valid_hw: ``(B, 2)`` int32 ``pad_shape`` of each image.
 
     Returns:
       ``[P2, ..., P6]``, ``(B, H/s, W/s, out_channels)`` for s = 4..64
-      (P6 ``ceil(H/64)``), zero beyond ``valid_size(valid_hw, s)``.
+      (P6 ``ceil(H/64)``), zero beyond ``padding.valid_size(valid_hw, s)``.
     """
     n = len(self.in_channels)
     if len(feats) != n:
@@ -78,7 +79,7 @@ class FPN(nn.Module):
       laterals[i - 1] = laterals[i - 1] + upsample_nearest_2x(laterals[i])
     outs = []
     for i in range(n):
-      valid = layers.valid_size(valid_hw, strides[i])
+      valid = padding.valid_size(valid_hw, strides[i])
       # The 3x3 conv must see PyTorch's zero padding at the image's edge.
       p = self.fpn_convs[i](layers.mask_invalid(laterals[i], valid))
       outs.append(layers.mask_invalid(p, valid))

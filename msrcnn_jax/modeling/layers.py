@@ -6,8 +6,8 @@ inputs and would shift every feature (spec §5.5).
 
 Features are NHWC. A batch is padded to a bucket shape larger than each
 image's own ``pad_shape``; ``mask_invalid`` zeroes what lies beyond an image's
-valid feature size ``valid_size(pad_shape, stride)`` so the convolutions see
-the zeros that mmdetection's (smaller) tensors have there.
+valid feature size ``ops.padding.valid_size(pad_shape, stride)`` so the
+convolutions see the zeros that mmdetection's (smaller) tensors have there.
 """
 
 from __future__ import annotations
@@ -28,24 +28,6 @@ XAVIER_UNIFORM = nn.initializers.xavier_uniform()
 CAFFE2_XAVIER = nn.initializers.variance_scaling(1.0, 'fan_in', 'uniform')
 
 
-def valid_size(pad_shape: jnp.ndarray, stride: int) -> jnp.ndarray:
-  """Valid feature size at ``stride`` of images padded to ``pad_shape``.
-
-  Every stride-2 layer (7x7/p3 stem, 3x3/p1 maxpool and convs, 1x1/p0 convs,
-  the kernel-1 P6 pool) maps n rows to ceil(n / 2), so the composition is
-  ``ceil(pad_shape / stride)``.
-
-  Args:
-    pad_shape: ``(..., 2)`` int32 ``(h, w)`` per image.
-    stride: the feature map's total stride (a power of two).
-
-  Returns:
-    ``(..., 2)`` int32 ``(h, w)``.
-  """
-  pad_shape = jnp.asarray(pad_shape, jnp.int32)
-  return (pad_shape + (stride - 1)) // stride
-
-
 def valid_mask(valid_hw: jnp.ndarray, height: int,
                width: int) -> jnp.ndarray:
   """Boolean ``(B, height, width, 1)``: True at rows < h and cols < w."""
@@ -62,7 +44,7 @@ def mask_invalid(x: jnp.ndarray, valid_hw: jnp.ndarray,
   Args:
     x: ``(B, H, W, C)`` features of a bucket-padded batch.
     valid_hw: ``(B, 2)`` int32 valid ``(h, w)`` of each image at x's stride
-      (see ``valid_size``).
+      (see ``ops.padding.valid_size``).
     fill_value: 0 before convolutions (PyTorch zero padding). Never +-inf:
       a non-finite fill reaches the backward pass as inf * 0 = NaN.
 

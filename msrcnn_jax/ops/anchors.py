@@ -14,11 +14,12 @@ constants. Valid flags depend on the per-image ``pad_shape`` and are jnp.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np
+
+from msrcnn_jax.ops import padding
 
 # mmdetection's released RPN anchor settings (spec §1.5).
 DEFAULT_SCALES = (8,)
@@ -106,7 +107,8 @@ def feature_sizes(bucket_hw: tuple[int, int],
                   strides: Sequence[int] = DEFAULT_STRIDES
                   ) -> list[tuple[int, int]]:
   """Static FPN feature sizes ``ceil(bucket / s)`` for a bucket shape."""
-  return [(math.ceil(bucket_hw[0] / s), math.ceil(bucket_hw[1] / s))
+  h, w = (int(v) for v in bucket_hw)
+  return [(padding.valid_size(h, s), padding.valid_size(w, s))
           for s in strides]
 
 
@@ -127,20 +129,6 @@ def multilevel_anchors(feat_sizes: Sequence[tuple[int, int]],
   """
   return [grid_anchors(base_anchors(s, scales, ratios), hw, s)
           for hw, s in zip(feat_sizes, strides)]
-
-
-def valid_feature_size(pad_shape: jnp.ndarray, stride: int) -> jnp.ndarray:
-  """Per-image valid feature size ``ceil(pad_shape / stride)``.
-
-  Args:
-    pad_shape: ``(..., 2)`` int ``(h, w)`` of the image padded to /32.
-    stride: level stride.
-
-  Returns:
-    ``(..., 2)`` int32 ``(valid_h, valid_w)`` (not clipped to the map).
-  """
-  pad_shape = jnp.asarray(pad_shape, jnp.int32)
-  return (pad_shape + (stride - 1)) // stride
 
 
 def level_valid_flags(feat_hw: tuple[int, int], valid_hw: jnp.ndarray,
@@ -180,5 +168,5 @@ def valid_flags(feat_sizes: Sequence[tuple[int, int]], pad_shape: jnp.ndarray,
     ``(..., sum_l H_l * W_l * A)`` bool, level-major, ``(y, x, a)`` order.
   """
   return jnp.concatenate(
-      [level_valid_flags(hw, valid_feature_size(pad_shape, s), num_anchors)
+      [level_valid_flags(hw, padding.valid_size(pad_shape, s), num_anchors)
        for hw, s in zip(feat_sizes, strides)], axis=-1)

@@ -157,6 +157,32 @@ def sample_fixed(rng: jax.Array, pos_mask: jnp.ndarray, neg_mask: jnp.ndarray,
   return _pack(pos_sel, neg_sel, num)
 
 
+def sample_or_given(rng: jax.Array | None, sampled, pos_mask: jnp.ndarray,
+                    neg_mask: jnp.ndarray, num: int, pos_fraction: float
+                    ) -> Tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+  """``sample_fixed``, or given samples in its form (parity tests).
+
+  Args:
+    rng: PRNG key of the draw (ignored when ``sampled`` is given).
+    sampled: ``None`` or ``(indices, is_pos, valid)`` of ``num`` slots, e.g.
+      from ``pack_sampled``.
+    pos_mask, neg_mask, num, pos_fraction: as ``sample_fixed``.
+
+  Returns:
+    ``(indices, is_pos, valid)`` as ``sample_fixed``; given samples come
+    back with ``is_pos & valid``.
+
+  Raises:
+    ValueError: neither ``rng`` nor ``sampled`` is given.
+  """
+  if sampled is not None:
+    indices, is_pos, valid = (jnp.asarray(a) for a in sampled)
+    return indices.astype(jnp.int32), is_pos & valid, valid
+  if rng is None:
+    raise ValueError('pass either rng or sampled')
+  return sample_fixed(rng, pos_mask, neg_mask, num, pos_fraction)
+
+
 def pack_sampled(pos_inds, neg_inds, num: int
                  ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Given sampled index lists (host side) in ``sample_fixed``'s fixed form.

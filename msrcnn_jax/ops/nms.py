@@ -10,6 +10,11 @@ in float32, so boxes of different ``idx`` never overlap, and runs one NMS on
 the offset boxes; we replicate the offset arithmetic so that near-threshold
 decisions see the same rounded coordinates.
 
+Ties: mmcv sorts with an unstable sort, so its order among exactly equal
+scores is unspecified (not a parity target). Here equal scores are visited
+in index order; callers that have logits rank by them instead of by the
+saturating float32 scores (``modeling/rpn.py``, ``box_postprocess.py``).
+
 Algorithm (blocked greedy, exact): sorted candidates are processed in blocks
 of ``block_size``. A block is first tested against the buffer of boxes kept
 so far (at most ``max_output``), then suppression inside the block is
@@ -188,24 +193,46 @@ def nms(boxes: jnp.ndarray, scores: jnp.ndarray, valid: jnp.ndarray,
   return jnp.where(keep_valid, order[pos], 0), keep_valid
 
 
+def batch_offsets(idxs: jnp.ndarray, boxes: jnp.ndarray,
+                  valid: jnp.ndarray) -> jnp.ndarray:
+  """The offsets of mmcv's ``batched_nms`` trick, in float32 (spec §2.6).
+
+  mmcv adds ``idx * (max coordinate + 1)`` to every coordinate so that boxes
+  of different idx never overlap and one NMS serves every idx. The maximum
+  is taken over every candidate mmcv is given, which may be more boxes than
+  those offset here (the R-CNN offsets only the best ``max_candidates`` of
+  the passing candidates, with the maximum over all of them).
+
+  Args:
+    idxs: int class or level ids of the boxes to offset, any shape.
+    boxes: ``(..., 4)`` float32 boxes whose maximum coordinate sets the
+      offset.
+    valid: ``(...)`` bool, the entries of ``boxes`` that count (mmcv's
+      candidates); no valid entry gives a maximum of 0.
+
+  Returns:
+    float32 offsets, shape of ``idxs``.
+  """
+  max_coord = jnp.max(jnp.where(valid[..., None], boxes.astype(jnp.float32),
+                                -jnp.inf))
+  max_coord = jnp.where(jnp.any(valid), max_coord, 0.)
+  return idxs.astype(jnp.float32) * (max_coord + jnp.float32(1))
+
+
 def offset_boxes(boxes: jnp.ndarray, idxs: jnp.ndarray,
                  valid: jnp.ndarray) -> jnp.ndarray:
-  """The ``batched_nms`` class-offset trick in float32 (spec §2.6).
+  """``boxes + idx * (max coordinate of the valid boxes + 1)`` (float32).
 
   Args:
     boxes: ``(N, 4)`` float32 boxes.
     idxs: ``(N,)`` int class or level ids.
-    valid: ``(N,)`` bool; the max coordinate is taken over valid boxes only
-      (mmcv takes it over the candidates it is given).
+    valid: ``(N,)`` bool; the maximum is taken over valid boxes only.
 
   Returns:
-    ``(N, 4)`` float32 ``boxes + idx * (max_coordinate + 1)``.
+    ``(N, 4)`` float32 offset boxes (see ``batch_offsets``).
   """
   boxes = boxes.astype(jnp.float32)
-  max_coord = jnp.max(jnp.where(valid[:, None], boxes, -jnp.inf))
-  max_coord = jnp.where(jnp.any(valid), max_coord, 0.)
-  offsets = idxs.astype(jnp.float32) * (max_coord + jnp.float32(1))
-  return boxes + offsets[:, None]
+  return boxes + batch_offsets(idxs, boxes, valid)[:, None]
 
 
 def batched_nms(boxes: jnp.ndarray, scores: jnp.ndarray, idxs: jnp.ndarray,

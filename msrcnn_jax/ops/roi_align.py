@@ -54,6 +54,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from msrcnn_jax.ops import padding
+
 # Default cap on samples per bin side. The pooling loop only visits the
 # slots RoIs use, so a large cap costs little: 16 keeps every RoI side up to
 # 112 feature px (7x7) / 224 px (14x14) exact, i.e. every box with aspect
@@ -404,8 +406,8 @@ def multilevel_roi_align(feats: Sequence[jnp.ndarray], boxes: jnp.ndarray,
     output_size: bins per side (7 bbox, 14 mask).
     max_samples: static cap on samples per bin side (see ``roi_align``).
     finest_scale: level mapping scale (56).
-    chunk: RoIs per chunk of the pooling loop (default: 32 on CPU, 512
-      elsewhere).
+    chunk: RoIs of one image per chunk of the pooling loop (default: 32
+      on CPU, 512 elsewhere).
 
   Returns:
     ``(B, N, output_size, output_size, C)`` in the features' dtype.
@@ -421,7 +423,7 @@ def _multilevel_jit(feats, boxes, pad_shape, strides, output_size,
                     max_samples, finest_scale, chunk):
   num_levels = len(strides)
   assert len(feats) == num_levels, (len(feats), strides)
-  bsz, n = boxes.shape[:2]
+  bsz = boxes.shape[0]
   c = feats[0].shape[-1]
   flat = jnp.concatenate(
       [f.reshape(bsz, -1, c) for f in feats], axis=1)  # (B, T, C)
@@ -440,15 +442,19 @@ def _multilevel_jit(feats, boxes, pad_shape, strides, output_size,
   pad_shape = jnp.asarray(pad_shape, jnp.int32)
   stride = strides_a[lvl]
   # Valid size ceil(pad / stride), clipped to the array (bucket) size.
-  vh = jnp.clip((pad_shape[:, 0:1] + stride - 1) // stride, 1, heights[lvl])
-  vw = jnp.clip((pad_shape[:, 1:2] + stride - 1) // stride, 1, widths[lvl])
+  vh = jnp.clip(padding.valid_size(pad_shape[:, 0:1], stride), 1,
+                heights[lvl])
+  vw = jnp.clip(padding.valid_size(pad_shape[:, 1:2], stride), 1,
+                widths[lvl])
   # spatial_scale = 1 / stride (a power of two, so folding it into the boxes
-  # is exact); image b's table starts at b * total.
+  # is exact).
   scaled = boxes * scales[lvl][..., None]
-  total = flat.shape[1]
-  base = bases[lvl] + total * jnp.arange(bsz, dtype=jnp.int32)[:, None]
-  pooled = _roi_align_flat(
-      flat.reshape(bsz * total, c), scaled.reshape(bsz * n, 4), 1.,
-      vh.reshape(-1), vw.reshape(-1), widths[lvl].reshape(-1),
-      base.reshape(-1), output_size, max_samples, 0, True, chunk)
-  return pooled.reshape((bsz, n) + pooled.shape[1:])
+
+  # Image by image (vmap): each image reads only its own table, so a
+  # batch-sharded program pools each chip's images on that chip (one table
+  # for the whole batch made every chip loop over all RoIs of the global
+  # batch and all-reduce the result; benchmarks/aot.py --audit).
+  def one_image(table, rois, vh_i, vw_i, row_stride, base):
+    return _roi_align_flat(table, rois, 1., vh_i, vw_i, row_stride, base,
+                           output_size, max_samples, 0, True, chunk)
+  return jax.vmap(one_image)(flat, scaled, vh, vw, widths[lvl], bases[lvl])

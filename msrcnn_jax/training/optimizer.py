@@ -26,7 +26,6 @@ The step counter is the number of optimizer updates already applied (mmcv's
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Callable, Mapping
 
 import jax
@@ -34,11 +33,12 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from msrcnn_jax import variables as variables_lib
 from msrcnn_jax.errors import ConfigError
+from msrcnn_jax.modeling.backbone import ResNet
 
 PyTree = Any
 
-_LAYER_RE = re.compile(r'^layer(\d+)_\d+$')
 
 
 def scaled_base_lr(config: ml_collections.ConfigDict) -> float:
@@ -108,20 +108,6 @@ def make_schedule(config: ml_collections.ConfigDict) -> Callable[[Any], Any]:
   return schedule_fn
 
 
-def _path_names(path) -> tuple[str, ...]:
-  names = []
-  for entry in path:
-    if isinstance(entry, jax.tree_util.DictKey):
-      names.append(str(entry.key))
-    elif isinstance(entry, jax.tree_util.GetAttrKey):
-      names.append(str(entry.name))
-    elif isinstance(entry, jax.tree_util.SequenceKey):
-      names.append(str(entry.idx))
-    else:
-      names.append(str(entry))
-  return tuple(names)
-
-
 def _is_norm_module(tree: PyTree, names: tuple[str, ...]) -> bool:
   """A module is a BN layer if its parameter dict holds a ``scale`` leaf."""
   node = tree
@@ -132,13 +118,15 @@ def _is_norm_module(tree: PyTree, names: tuple[str, ...]) -> bool:
 
 def trainable_mask(params: PyTree,
                    frozen_stages: int = 1,
-                   bn_trainable: bool = False) -> PyTree:
+                   bn_trainable: bool = False,
+                   stage_of: Callable[[str], int | None] = ResNet.stage_of
+                   ) -> PyTree:
   """Which parameters mmdetection trains (``requires_grad``), by path.
 
-  Paths follow the parameter-tree contract (``backbone/conv1``,
-  ``backbone/bn1``, ``backbone/layer{i}_{j}/...``). With ``frozen_stages=k``
-  (mmdet ``ResNet._freeze_stages``): ``k >= 0`` freezes the stem (``conv1``,
-  ``bn1``) and ``k >= i`` freezes every block of ``layer{i}``. With
+  The backbone says which stage each of its top-level parameter scopes
+  belongs to (``stage_of``; ResNet: 0 for ``conv1``/``bn1``, i for
+  ``layer{i}_*``). With ``frozen_stages=k`` (mmdet ``ResNet._freeze_stages``)
+  every scope of stage ``<= k`` is frozen. With
   ``bn_trainable=False`` (caffe style, ``norm_cfg.requires_grad=False``) every
   BN ``scale``/``bias`` of the backbone is frozen too. Non-backbone
   parameters are always trainable. The 'batch_stats' collection is never
@@ -148,6 +136,7 @@ def trainable_mask(params: PyTree,
     params: the 'params' collection (nested dicts of arrays).
     frozen_stages: mmdetection's ``frozen_stages`` (-1 = nothing frozen).
     bn_trainable: whether backbone BN gamma/beta are trained (pytorch style).
+    stage_of: the backbone's ``stage_of(scope name) -> int | None``.
 
   Returns:
     A pytree of Python bools with the structure of ``params``; True means
@@ -155,14 +144,11 @@ def trainable_mask(params: PyTree,
   """
 
   def label(path, _):
-    names = _path_names(path)
+    names = variables_lib.path_names(path)
     if not names or names[0] != 'backbone' or len(names) < 2:
       return True
-    top = names[1]
-    if frozen_stages >= 0 and top in ('conv1', 'bn1'):
-      return False
-    m = _LAYER_RE.match(top)
-    if m is not None and int(m.group(1)) <= frozen_stages:
+    stage = stage_of(names[1])
+    if stage is not None and stage <= frozen_stages:
       return False
     if not bn_trainable and _is_norm_module(params, names):
       return False
@@ -171,12 +157,13 @@ def trainable_mask(params: PyTree,
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def trainable_mask_from_config(params: PyTree,
-                               config: ml_collections.ConfigDict) -> PyTree:
+def trainable_mask_from_config(
+    params: PyTree, config: ml_collections.ConfigDict,
+    stage_of: Callable[[str], int | None] = ResNet.stage_of) -> PyTree:
   """:func:`trainable_mask` with ``config.model.backbone`` settings."""
   bb = config.model.backbone
   return trainable_mask(params, frozen_stages=int(bb.frozen_stages),
-                        bn_trainable=bool(bb.bn_trainable))
+                        bn_trainable=bool(bb.bn_trainable), stage_of=stage_of)
 
 
 def make_optimizer(

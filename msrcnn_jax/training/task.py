@@ -7,14 +7,17 @@ interface; ``DetectorTask`` is Mask Scoring R-CNN's.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from msrcnn_jax.modeling.detector import MaskScoringRCNN, init_variables
+from msrcnn_jax import config as config_lib
+from msrcnn_jax.modeling import build
+from msrcnn_jax.modeling.backbone import resnet_from_config
+from msrcnn_jax.modeling.detector import MaskScoringRCNN
 from msrcnn_jax.training import optimizer as optimizer_lib
 
 
@@ -22,37 +25,69 @@ class DetectorTask:
   """Mask Scoring R-CNN training task.
 
   Args:
-    config: the full config.
+    config: the full config (checked by ``build.validate_config``).
     workdir: where evaluation writes metrics, reports and pictures.
+    backbone_fn: builds the backbone (``backbone.resnet_from_config``).
+    check_eval_source: read the evaluation split now (False: the task only
+      trains, e.g. in benchmarks on random batches).
+
+  Raises:
+    ConfigError: naming the config key that cannot work.
   """
 
   def __init__(self, config: ml_collections.ConfigDict,
-               workdir: str | None = None):
+               workdir: str | None = None,
+               backbone_fn: Callable[..., Any] = resnet_from_config,
+               check_eval_source: bool = True):
+    build.validate_config(config, backbone_fn)
     self.config = config
     self.workdir = workdir
-    self.model = MaskScoringRCNN(config)
+    self.backbone_fn = backbone_fn
+    self.model = build.build_model(config, backbone_fn=backbone_fn)
     self._predictor = None
     from msrcnn_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     # Read (and checked) now: a bad evaluation split is refused before
     # training, not after it.
-    self._eval_source = pipeline.build_source(config, train=False)
+    self._eval_source = (pipeline.build_source(config, train=False)
+                         if check_eval_source else None)
 
-  def init_variables(self, rng: jax.Array, batch: Any = None) -> dict:
+  def train_iter_fn(self, config: ml_collections.ConfigDict,
+                    start_step: int):
+    """The training batches (``pipeline.make_train_iterator``) of a
+    dataset whose categories fit the model (``config.check_dataset_classes``,
+    checked before the first step)."""
+    from msrcnn_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    source = pipeline.build_source(config, train=True)
+    d = config.data
+    name = {'coco': f'{d.coco_dir} ({d.train_split})',
+            'tfds': f'{d.tfds_name} in {d.tfds_data_dir} ({d.train_split})',
+            'synthetic': 'the synthetic dataset (data.synthetic)'}[d.source]
+    config_lib.check_dataset_classes(config, source.cat_ids,
+                                     source.class_names, name)
+    return pipeline.make_train_iterator(config, source, start_step=start_step)
+
+  def init_variables(self, rng: jax.Array, batch: Any = None,
+                     image_hw=(64, 64)) -> dict:
     """Random ``{'params', 'batch_stats'}`` (shapes do not depend on batch)."""
     del batch
-    return init_variables(self.config, rng)
+    images = jnp.zeros((1,) + tuple(image_hw) + (3,), jnp.float32)
+    pad = jnp.asarray([image_hw], jnp.int32)
+    return self.model.init(rng, images, pad, method=MaskScoringRCNN.init_all)
 
   def loss_fn(self, params, batch_stats, batch, rng, compute_dtype=jnp.float32):
     """``(total loss, metrics)`` of a batch. Convolutions and dense layers
     run in ``compute_dtype`` (e.g. bfloat16) on float32 parameters; BN,
     box coding, NMS and the losses stay float32."""
-    model = MaskScoringRCNN(self.config, dtype=jnp.dtype(compute_dtype))
+    model = build.build_model(self.config, jnp.dtype(compute_dtype),
+                              self.backbone_fn)
     return model.apply({'params': params, 'batch_stats': batch_stats},
                        batch, rng, method=MaskScoringRCNN.losses)
 
   def frozen_mask(self, params) -> Any:
     """True where mmdetection trains the parameter (frozen stages, BN)."""
-    return optimizer_lib.trainable_mask_from_config(params, self.config)
+    backbone = self.backbone_fn(self.config.model.backbone)
+    return optimizer_lib.trainable_mask_from_config(params, self.config,
+                                                    backbone.stage_of)
 
   def eval_fn(self, state) -> dict[str, float]:
     """COCO evaluation of ``state`` on the config's evaluation split.

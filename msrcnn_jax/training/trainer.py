@@ -8,8 +8,10 @@ N"); otherwise initialise the model (and merge ``train.init_checkpoint`` if
 set). Loop: one jitted step per global batch; every step's scalar metrics are
 fetched one step late (so the device never idles) and checked for NaN/Inf;
 console + TensorBoard every ``log_every_steps``; checkpoints every
-``checkpoint_every_steps`` and at the end; ``eval_fn(state)`` every
-``eval_every_steps`` and at the end.
+``checkpoint_every_steps`` and at the end; at the end also the final
+variables in the converter's format (``<workdir>/final``); ``eval_fn(state)``
+every ``eval_every_steps`` and at the end. ``predict``/``evaluate`` take the
+workdir, a step directory or ``<workdir>/final`` as ``--checkpoint``.
 
 The task object provides (the detector's is ``msrcnn_jax.training.task.
 DetectorTask``):
@@ -30,10 +32,10 @@ from typing import Any, Callable, Iterator, Mapping
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from msrcnn_jax import variables as variables_lib
 from msrcnn_jax.training import checkpointing
 from msrcnn_jax.training import optimizer as optimizer_lib
 from msrcnn_jax.training import partitioning
@@ -45,77 +47,61 @@ TrainIterFn = Callable[[ml_collections.ConfigDict, int], Iterator[PyTree]]
 
 
 # ------------------------------------------------------------ init helpers
-def _flatten(tree: PyTree) -> dict[str, Any]:
-  flat = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    flat['/'.join(str(getattr(k, 'key', getattr(k, 'name', k)))
-                  for k in path)] = leaf
-  return flat
+FINAL_VARIABLES = 'final'   # <workdir>/final: the converter's format
 
 
-def merge_init_variables(
-    variables: Mapping[str, PyTree],
-    loaded: Mapping[str, PyTree]) -> tuple[dict[str, PyTree], dict[str, Any]]:
-  """Replaces the leaves of ``variables`` found in a converted checkpoint.
+def load_init_checkpoint(path: str, variables: PyTree, replicated,
+                         skip_patterns=()) -> tuple[PyTree, dict[str, Any]]:
+  """Merges ``train.init_checkpoint`` into freshly initialised variables.
 
-  Strict except for missing leaves: a backbone-only checkpoint leaves the
-  neck and heads at their initialisation, but a leaf of the checkpoint that
-  the model lacks, or whose shape differs, is an error.
-
-  Args:
-    variables: the model's ``{'params': ..., 'batch_stats': ...}``.
-    loaded: the checkpoint's variables, same path convention.
+  ``path`` is a converted directory, a training workdir (newest step) or a
+  step directory. Strict (``variables.merge_variables``): only leaves the
+  checkpoint lacks (a backbone-only checkpoint) or whose path matches
+  ``train.init_skip_patterns`` keep their initialisation; each skipped leaf
+  is logged with the checkpoint's and the model's shapes.
 
   Returns:
-    ``(merged variables, report)``; the report lists 'loaded', 'missing'
-    (kept at init) and the counts.
+    ``(merged variables with the ``replicated`` sharding, report)``.
 
   Raises:
-    ValueError: on unexpected leaves, shape mismatches, or if nothing matched.
+    CheckpointError, VariablesMismatchError: see ``msrcnn_jax.variables``.
   """
-  ours = _flatten(dict(variables))
-  theirs = _flatten(dict(loaded))
-  unexpected = sorted(set(theirs) - set(ours))
-  mismatched = sorted(
-      f'{k}: checkpoint {tuple(np.shape(theirs[k]))} vs model '
-      f'{tuple(np.shape(ours[k]))}' for k in set(theirs) & set(ours)
-      if tuple(np.shape(theirs[k])) != tuple(np.shape(ours[k])))
-  if unexpected or mismatched:
-    raise ValueError(
-        'init_checkpoint does not fit the model:\n  unexpected: '
-        f'{unexpected[:20]}{" ..." if len(unexpected) > 20 else ""}\n'
-        f'  shape mismatches: {mismatched[:20]}')
-  loaded_keys = sorted(set(theirs) & set(ours))
-  if not loaded_keys:
-    raise ValueError('init_checkpoint has no leaf in common with the model')
-
-  def pick(path, leaf):
-    key = '/'.join(str(getattr(k, 'key', getattr(k, 'name', k)))
-                   for k in path)
-    if key in theirs:
-      return jnp.asarray(theirs[key], dtype=leaf.dtype)
-    return leaf
-
-  merged = jax.tree_util.tree_map_with_path(pick, dict(variables))
-  missing = sorted(set(ours) - set(theirs))
-  report = dict(loaded=loaded_keys, missing=missing,
-                num_loaded=len(loaded_keys), num_missing=len(missing))
-  return merged, report
-
-
-def _load_init_checkpoint(path: str, variables, replicated):
-  # Written by the MODEL helper; imported lazily.
-  from msrcnn_jax.convert import checkpoint_io  # pylint: disable=g-import-not-at-top
-  loaded = checkpoint_io.load_variables(path)
-  if isinstance(loaded, tuple):       # (variables, metadata)
-    loaded, ckpt_meta = loaded
-    logging.info('init_checkpoint metadata: %s', ckpt_meta)
-  merged, report = merge_init_variables(variables, loaded)
+  loaded, meta = variables_lib.load_variables(path)
+  logging.info('init_checkpoint %s (config %s)', path,
+               meta.get('config_name', '?'))
+  merged, report = variables_lib.merge_variables(
+      variables, loaded, skip_patterns, source=f'init_checkpoint {path}')
+  for key, theirs, ours in report['skipped']:
+    logging.warning('init_checkpoint: re-initialised %s: checkpoint %s, '
+                    'model %s (train.init_skip_patterns)', key,
+                    'absent' if theirs is None else theirs, ours)
   logging.info('init_checkpoint %s: loaded %d leaves, %d kept at init%s',
                path, report['num_loaded'], report['num_missing'],
                (' (e.g. ' + ', '.join(report['missing'][:5]) + ')')
                if report['missing'] else '')
   return jax.device_put(merged, replicated), report
+
+
+def save_final_variables(workdir: str, state: TrainState,
+                         config: ml_collections.ConfigDict) -> str | None:
+  """Writes ``state``'s params and batch_stats to ``<workdir>/final`` in the
+  converter's format (atomically; process 0 only; local workdirs only)."""
+  if jax.process_index() != 0:
+    return None
+  if '://' in workdir:
+    logging.warning('No %s/ in remote workdir %s: give predict/evaluate the '
+                    'workdir itself (its newest step).', FINAL_VARIABLES,
+                    workdir)
+    return None
+  step = int(jax.device_get(state.step))
+  out = variables_lib.save_variables(
+      os.path.join(workdir, FINAL_VARIABLES),
+      jax.device_get({'params': state.params,
+                      'batch_stats': state.batch_stats}),
+      dict(config_name=config.name, step=step,
+           source=os.path.join(workdir, 'checkpoints', str(step))))
+  logging.info('Final variables of step %d -> %s', step, out)
+  return out
 
 
 def _numeric(batch: PyTree) -> PyTree:
@@ -191,7 +177,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       workdir)``).
     train_iter_fn: ``(config, start_step) -> iterator`` of host-local numpy
       batches of ``global_batch_size / process_count`` images, starting at
-      global batch number ``start_step`` (default:
+      global batch number ``start_step`` (default: the task's
+      ``train_iter_fn`` if it has one, else
       ``msrcnn_jax.data.pipeline.make_train_iterator``).
     eval_fn: ``eval_fn(state) -> dict`` of scalars (default: the task's
       ``eval_fn`` if it has one).
@@ -229,6 +216,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     task = DetectorTask(config, workdir)
   if eval_fn is None:
     eval_fn = getattr(task, 'eval_fn', None)
+  if train_iter_fn is None:
+    train_iter_fn = getattr(task, 'train_iter_fn', None)
   if train_iter_fn is None:
     from msrcnn_jax.data.pipeline import make_train_iterator  # pylint: disable=g-import-not-at-top
     train_iter_fn = make_train_iterator
@@ -270,9 +259,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     else:
       variables = jax.jit(task.init_variables, out_shardings=replicated)(
           init_rng, init_batch)
-      if t.get('init_checkpoint', ''):
-        variables, report = _load_init_checkpoint(t.init_checkpoint,
-                                                  variables, replicated)
+      if t.init_checkpoint:
+        variables, report = load_init_checkpoint(
+            t.init_checkpoint, variables, replicated,
+            tuple(t.init_skip_patterns))
       state = make_state(variables, train_rng)
     n_params = sum(int(np.prod(x.shape)) for x in
                    jax.tree.leaves(abstract_vars['params']))
@@ -407,6 +397,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     if pending is not None:
       consume(pending)
     pbar.close()
+    save_final_variables(workdir, state, config)
     run_eval(total)
     ckpt.wait_until_finished()
     if writer is not None:

@@ -13,14 +13,21 @@ mmdetection v2 ``BBoxHead.get_bboxes`` + ``multiclass_nms`` with
    trick (offset ``label * (max coordinate over passing candidates + 1)``,
    float32); sorted by score; the first ``max_per_img`` kept.
 
+Candidates are ranked by float32 score, as mmdetection, and at exact score
+ties by the log-odds ``log(p / (1 - p))`` of the score computed from the
+logits (``_log_odds``), which confident scores do not saturate: logits 20
+and 25 against 0 both give the score 1.0 but log-odds 20 and 25.
+mmdetection sorts with unstable sorts (``scores.sort`` in mmcv's NMS), so its
+order at exact score ties is not reproducible; equal log-odds here keep
+proposal-major order (lower index first).
+
 Static candidate cap: at most ``max_candidates`` passing candidates, the
-highest-scoring ones (ties: proposal-major order, as mmdetection's stable
-order), enter NMS. Greedy NMS never lets a lower-scored box suppress a
-higher-scored one, so the result is exactly mmdetection's whenever at most
-``max_candidates`` candidates pass the threshold, or the top
-``max_candidates`` already yield ``max_per_img`` detections; otherwise the
-tail of the detection list may miss boxes that only the dropped candidates
-would have supplied. The offset uses the max coordinate over *all* passing
+highest-scoring ones, enter NMS. Greedy NMS never lets a lower-scored box
+suppress a higher-scored one, so the result is exactly mmdetection's
+whenever at most ``max_candidates`` candidates pass the threshold, or the
+top ``max_candidates`` already yield ``max_per_img`` detections; otherwise
+the tail of the detection list may miss boxes that only the dropped
+candidates would have supplied. The offset uses the max coordinate over *all* passing
 candidates, as mmdetection.
 """
 
@@ -35,6 +42,23 @@ from msrcnn_jax.ops import boxes as boxes_lib
 from msrcnn_jax.ops import nms as nms_lib
 
 
+def _log_odds(cls_logits: jnp.ndarray) -> jnp.ndarray:
+  """``log(p_c / (1 - p_c))`` of the softmax of ``(R, C + 1)`` logits.
+
+  ``= x_c - logsumexp_{j != c} x_j``, computed without saturating: for the
+  argmax column directly; for the others (``p_c <= 0.5``) as
+  ``x_c - lse - log1p(-p_c)``.
+  """
+  x = cls_logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(x, axis=-1, keepdims=True)
+  top = jax.nn.one_hot(jnp.argmax(x, axis=-1), x.shape[-1], dtype=bool)
+  lse_others = jax.nn.logsumexp(jnp.where(top, -jnp.inf, x), axis=-1,
+                                keepdims=True)
+  p = jnp.exp(x - lse)
+  return jnp.where(top, x - lse_others,
+                   x - lse - jnp.log1p(-jnp.where(top, 0., p)))
+
+
 def _single_image(rois, roi_valid, cls_logits, deltas, img_shape,
                   scale_factor, *, score_thr, iou_threshold, max_per_img,
                   max_candidates, target_means, target_stds, block_size):
@@ -42,6 +66,7 @@ def _single_image(rois, roi_valid, cls_logits, deltas, img_shape,
   r, c1 = cls_logits.shape
   c = c1 - 1
   scores = jax.nn.softmax(cls_logits.astype(jnp.float32), axis=-1)[:, :c]
+  log_odds = _log_odds(cls_logits)[:, :c]
   boxes = boxes_lib.decode_deltas(
       jnp.broadcast_to(rois[:, None, :].astype(jnp.float32), (r, c, 4)),
       deltas.reshape(r, c, 4).astype(jnp.float32), target_means, target_stds,
@@ -55,12 +80,14 @@ def _single_image(rois, roi_valid, cls_logits, deltas, img_shape,
   k = min(max_candidates, r * c)
   top, idx = jax.lax.top_k(jnp.where(passing, scores, -jnp.inf), k)
   cand_valid = top > -jnp.inf
+  # Exact score ties: higher log-odds first (module docstring).
+  tie_key = jnp.where(cand_valid, log_odds.reshape(r * c)[idx], -jnp.inf)
+  _, _, order = jax.lax.sort((-top, -tie_key, jnp.arange(k)), num_keys=2)
+  top, idx, cand_valid = top[order], idx[order], cand_valid[order]
   cand_boxes = boxes[idx]
   cand_labels = labels[idx]
   # Offsets from the max over all passing candidates (spec §2.6).
-  max_coord = jnp.max(jnp.where(passing[:, None], boxes, -jnp.inf))
-  max_coord = jnp.where(jnp.any(passing), max_coord, 0.)
-  offsets = cand_labels.astype(jnp.float32) * (max_coord + jnp.float32(1))
+  offsets = nms_lib.batch_offsets(cand_labels, boxes, passing)
   keep, keep_valid = nms_lib.nms_sorted(
       cand_boxes + offsets[:, None], cand_valid, iou_threshold,
       max_per_img, block_size)
