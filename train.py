@@ -36,6 +36,13 @@ _WORKDIR = flags.DEFINE_string(
     'workdir', None,
     'Checkpoints, TensorBoard events and evaluation output '
     '(default ./workdir/<config.name>).')
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    'heartbeat_timeout_seconds', 100,
+    'Several processes: a process silent for this long counts as dead and '
+    'the run ends on every host with an error (instead of hanging).')
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    'initialization_timeout', 300,
+    'Several processes: seconds to wait for all of them to join.')
 
 
 def main(argv):
@@ -43,7 +50,9 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Before any JAX computation: joins the other hosts when there are any.
   from msrcnn_jax.training import partitioning  # pylint: disable=g-import-not-at-top
-  partitioning.maybe_initialize_distributed()
+  partitioning.maybe_initialize_distributed(
+      heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value,
+      initialization_timeout=_INIT_TIMEOUT.value)
   compilation_cache.enable()
   from msrcnn_jax.training import trainer  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value

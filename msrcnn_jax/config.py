@@ -177,7 +177,7 @@ def ms_rcnn_config(*,
   t.checkpoint_every_steps = 5000
   t.keep_checkpoints = 3
   t.log_every_steps = 50
-  t.eval_every_steps = 0      # 0 = evaluate only at the end
+  t.eval_every_steps = 0      # 0 = evaluate only at the end, < 0 = never
   # Converted directory, training workdir (newest step) or step directory.
   t.init_checkpoint = ''
   # Regexes (re.search on 'params/roi_head/bbox_head/fc_cls/kernel') of

@@ -31,9 +31,9 @@ from msrcnn_jax import postprocess
 from msrcnn_jax.data import image_io
 from msrcnn_jax.data import pipeline
 from msrcnn_jax.data import transforms
-from msrcnn_jax.modeling.detector import MaskScoringRCNN
 
-_BATCH_KEYS = ('image', 'img_shape', 'pad_shape', 'scale_factor')
+# The detector's inputs, in order (the pipeline's keys).
+BATCH_KEYS = ('image', 'img_shape', 'pad_shape', 'scale_factor')
 # Detector outputs the records need (``mask_logits`` only to paste on the
 # host).
 _RECORD_KEYS = ('boxes', 'scores', 'labels', 'valid', 'mask_iou',
@@ -74,8 +74,14 @@ class Predictor:
       masks are pasted and how many worker processes make the records,
       -1 = ``default_postprocess_workers()``, 0 = in the calling thread).
     variables: ``{'params': ..., 'batch_stats': ...}``.
+    dtype: compute dtype of convolutions and dense layers (``bfloat16``
+      runs them in bf16 on float32 variables; outputs stay float32).
 
   Attributes:
+    forward: the jitted detector, ``forward(variables, image, img_shape,
+      pad_shape, scale_factor) -> outputs`` (``MaskScoringRCNN.__call__``:
+      fixed-size detections, mask logits, MaskIoU); what ``msrcnn_jax.export``
+      serializes.
     timings: seconds accumulated over calls: ``device`` (wall time waiting
       for device results), ``postprocess`` (CPU time of making records, in
       whichever process did it), of which ``paste`` and ``rle`` (host
@@ -83,9 +89,12 @@ class Predictor:
       worker results).
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, variables: dict):
+  def __init__(self, config: ml_collections.ConfigDict, variables: dict,
+               dtype: Any = 'float32'):
+    # Imported here so that ``serving`` (exported programs) runs without it.
+    from msrcnn_jax.modeling.detector import MaskScoringRCNN  # pylint: disable=g-import-not-at-top
     self.config = config
-    self.model = MaskScoringRCNN(config)
+    self.model = MaskScoringRCNN(config, dtype=jax.numpy.dtype(dtype))
     self.variables = variables
     self.paste_on_device = masks_on_device(config.test.get('mask_paste',
                                                            'auto'))
@@ -98,14 +107,14 @@ class Predictor:
     def forward(variables, image, img_shape, pad_shape, scale_factor):
       return self.model.apply(variables, image, img_shape, pad_shape,
                               scale_factor)
-    self._forward = jax.jit(forward)
+    self.forward = jax.jit(forward)
     self._paste = jax.jit(postprocess.paste_on_device,
                           static_argnames=('canvas_hw', 'mask_thr'))
     self._encode = jax.jit(postprocess.encode_on_device)
 
   def detect(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """The detector's outputs for a padded batch, as device arrays (async)."""
-    return self._forward(self.variables, *(batch[k] for k in _BATCH_KEYS))
+    return self.forward(self.variables, *(batch[k] for k in BATCH_KEYS))
 
   def _dispatch(self, batch: dict[str, Any]) -> tuple[dict, tuple | None]:
     """Detector (+ paste) dispatched on the device; nothing waits."""
@@ -169,7 +178,7 @@ class Predictor:
                       ) -> Iterator[dict[str, Any]]:
     """Records of every valid image of every batch, in order.
 
-    Each batch holds the arrays of ``_BATCH_KEYS`` plus ``ori_shape``,
+    Each batch holds the arrays of ``BATCH_KEYS`` plus ``ori_shape``,
     ``image_id``, optional ``file_name`` (list) and ``valid`` (B,) flags.
     Batch i + 1 is dispatched to the device before the host waits for
     batch i, and the records of up to ``2 x workers`` batches are made in

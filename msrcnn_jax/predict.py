@@ -3,6 +3,8 @@ r"""Run a converted or trained MS R-CNN on images.
   python -m msrcnn_jax.predict --config configs/ms_rcnn_r50_caffe_fpn_1x_coco.py \
       --checkpoint ckpt/ms_rcnn_r50_caffe_fpn_1x_coco --output results.json \
       [--vis-dir vis/] [--batch-size 2] image1.jpg image2.png ...
+  python -m msrcnn_jax.predict --exported exported/r50 --output results.json \
+      image1.jpg ...          # programs written by python -m msrcnn_jax.export
 
 Writes a JSON list with one entry per detection: ``image`` (file name),
 ``label`` (0..79), ``category_id``, ``bbox`` [x, y, w, h] in original pixels,
@@ -27,6 +29,7 @@ from msrcnn_jax import compilation_cache
 from msrcnn_jax import config as config_lib
 from msrcnn_jax import errors
 from msrcnn_jax import postprocess
+from msrcnn_jax import serving
 from msrcnn_jax.data import image_io
 from msrcnn_jax.evaluation import visualize
 from msrcnn_jax.inference import Predictor
@@ -44,6 +47,9 @@ _VIS_DIR = flags.DEFINE_string(
     'class names and both scores.')
 _BATCH_SIZE = flags.DEFINE_integer('batch-size', 1, 'Images per batch.',
                                    lower_bound=1)
+_EXPORTED = flags.DEFINE_string(
+    'exported', None, 'Directory written by python -m msrcnn_jax.export: '
+    'run its programs instead of --config/--checkpoint.')
 _VIS_THR = flags.DEFINE_float('vis-score-thr', 0.3,
                               'Box score threshold for the pictures.')
 
@@ -71,14 +77,23 @@ def main(argv: Sequence[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore step
   compilation_cache.enable()
   config = _CONFIG.value
-  if config is None or _CHECKPOINT.value is None:
-    raise app.UsageError('--config and --checkpoint are required.')
-  build.validate_config(config)
+  if _EXPORTED.value is None and (config is None or _CHECKPOINT.value is None):
+    raise app.UsageError('--config and --checkpoint (or --exported) are '
+                         'required.')
+  if _EXPORTED.value is None:
+    build.validate_config(config)
   _check_images(paths)
-  variables, meta = build.load_checked_variables(config, _CHECKPOINT.value)
-  logging.info('Loaded %s (%s)', _CHECKPOINT.value, meta.get('config_name'))
-  predictor = Predictor(config, variables)
-  records = predictor.predict_images(paths, batch_size=_BATCH_SIZE.value)
+  if _EXPORTED.value is not None:
+    predictor = serving.ExportedPredictor(_EXPORTED.value)
+    config = predictor.config
+    batch_size = (_BATCH_SIZE.value if flags.FLAGS['batch-size'].present
+                  else predictor.batch_size)
+  else:
+    variables, meta = build.load_checked_variables(config, _CHECKPOINT.value)
+    logging.info('Loaded %s (%s)', _CHECKPOINT.value, meta.get('config_name'))
+    predictor = Predictor(config, variables)
+    batch_size = _BATCH_SIZE.value
+  records = predictor.predict_images(paths, batch_size=batch_size)
   entries = postprocess.records_to_prediction_json(
       records, config.data.category_ids)
   out_dir = os.path.dirname(os.path.abspath(_OUTPUT.value))

@@ -356,6 +356,8 @@ class TrainIterator:
 
   Attributes:
     step: the step of the next batch.
+    last_record_indices: ``(B,)`` source indices of the records in the
+      batch returned last (this host's slice of the global batch).
     steps_per_epoch: global batches per epoch.
     truncated_images: distinct images seen so far with more than
       max_instances instances (only the first max_instances were kept);
@@ -375,6 +377,7 @@ class TrainIterator:
                           self.batch_size * process_count, seed)
     self.steps_per_epoch = self.plan.steps_per_epoch
     self.step = int(start_step)
+    self.last_record_indices = None
     self.truncated_images = 0
     self._truncated: set[int] = set()  # record indices
     self._warned = 0
@@ -403,6 +406,7 @@ class TrainIterator:
   def __next__(self) -> dict[str, np.ndarray]:
     results = self._prefetch.next_results()
     _, _, mine = self._mine(self.step)
+    self.last_record_indices = mine
     self.step += 1
     new = {int(i) for i, (_, t) in zip(mine, results) if t} - self._truncated
     if new:

@@ -132,8 +132,11 @@ def evaluate_model(config: ml_collections.ConfigDict, variables: dict,
                          else source, 'cat_ids', config.data.category_ids))
   own_predictor = predictor is None
   predictor = predictor or Predictor(config, variables)
+  # The whole split in this process, also when it is one host of several
+  # (train.py evaluates on process 0 only).
   batches = pipeline.make_eval_iterator(
-      config, source, batch_size_per_host=batch_size)
+      config, source, batch_size_per_host=batch_size, process_index=0,
+      process_count=1)
   evaluator = CocoEvaluator(coco_gt, cat_ids, output_dir=output_dir,
                             prefix='results')
   num_classes = config.model.num_classes

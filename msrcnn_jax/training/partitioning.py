@@ -68,13 +68,24 @@ def distributed_environment() -> str | None:
   return None
 
 
-def maybe_initialize_distributed() -> bool:
+def maybe_initialize_distributed(heartbeat_timeout_seconds: int = 100,
+                                 initialization_timeout: int = 300) -> bool:
   """Calls ``jax.distributed.initialize`` when launched as several processes.
 
   A no-op for a single process (and when already initialised). With
   ``JAX_COORDINATOR_ADDRESS`` (``host:port`` of process 0) the process count
   and id come from ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``; SLURM,
-  Open MPI and TPU pod slices are auto-detected by JAX.
+  Open MPI and TPU pod slices are auto-detected by JAX. CPU collectives
+  across processes go through gloo (``jax_cpu_collectives_implementation``,
+  set here when it is 'none').
+
+  Args:
+    heartbeat_timeout_seconds: a process that sent no heartbeat to the
+      coordinator for this long counts as dead, and then every process is
+      terminated ("Terminating process because the JAX distributed service
+      detected fatal errors"): a crashed host ends the run instead of
+      leaving the others hanging in a collective.
+    initialization_timeout: how long (s) to wait for every process to join.
 
   Returns:
     True if ``jax.distributed.initialize`` was called.
@@ -84,18 +95,39 @@ def maybe_initialize_distributed() -> bool:
   env = distributed_environment()
   if env is None:
     return False
+  if jax.config.jax_cpu_collectives_implementation in (None, 'none'):
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  kwargs = dict(heartbeat_timeout_seconds=int(heartbeat_timeout_seconds),
+                initialization_timeout=int(initialization_timeout))
   if env == 'env':
-    kwargs = dict(coordinator_address=os.environ['JAX_COORDINATOR_ADDRESS'])
+    kwargs['coordinator_address'] = os.environ['JAX_COORDINATOR_ADDRESS']
     if 'JAX_NUM_PROCESSES' in os.environ:
       kwargs['num_processes'] = _env_int('JAX_NUM_PROCESSES')
     if 'JAX_PROCESS_ID' in os.environ:
       kwargs['process_id'] = _env_int('JAX_PROCESS_ID')
-    jax.distributed.initialize(**kwargs)
-  else:
-    jax.distributed.initialize()
+  jax.distributed.initialize(**kwargs)
   logging.info('jax.distributed initialised (%s): process %d of %d', env,
                jax.process_index(), jax.process_count())
   return True
+
+
+def wait_for_all_hosts(name: str, timeout_seconds: float = 24 * 3600) -> None:
+  """A barrier of all processes (no device work; a no-op for one process).
+
+  Waits through the coordinator, so a host may spend long in host-only
+  work (process 0 evaluating) while the others wait here, without the
+  collective timeouts of a device barrier. Heartbeats go on meanwhile: a
+  host that dies still ends the run (see :func:`maybe_initialize_distributed`).
+
+  Args:
+    name: the barrier's id, the same on every process and used once.
+    timeout_seconds: an error is raised after this long.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  distributed.global_state.client.wait_at_barrier(
+      name, int(timeout_seconds * 1000))
 
 
 def make_mesh(devices=None) -> Mesh:

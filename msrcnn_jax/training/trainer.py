@@ -306,12 +306,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       last_saved = done
 
     def run_eval(done):
+      # Process 0 evaluates the whole split and writes every file; the
+      # other hosts wait for it (their share of the data would give partial
+      # metrics written over process 0's).
       nonlocal eval_metrics
-      if eval_fn is None:
+      if eval_fn is None or eval_every < 0:
         return
-      logging.info('Evaluating at step %d', done)
-      eval_metrics = dict(eval_fn(state) or {})
-      logging.info('eval@%d: %s', done, eval_metrics)
+      if jax.process_index() == 0:
+        logging.info('Evaluating at step %d', done)
+        eval_metrics = dict(eval_fn(state) or {})
+        logging.info('eval@%d: %s', done, eval_metrics)
+      else:
+        logging.info('Waiting for process 0 to evaluate step %d', done)
+      partitioning.wait_for_all_hosts(f'msrcnn_eval_{done}')
       if writer is not None:
         for k, v in eval_metrics.items():
           if np.isscalar(v) or np.ndim(v) == 0:
@@ -326,6 +333,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
             f'train iterator ended at data position {data_position} before '
             f'step {total}; it must repeat over epochs') from None
       batch = partitioning.host_batch_to_global(_numeric(host_batch), mesh)
+      records = getattr(source_iter, 'last_record_indices', None)
+      if records is not None and (step_idx == start or
+                                  (step_idx + 1) % log_every == 0):
+        logging.info('step %d: host %d of %d read records %s', step_idx,
+                     jax.process_index(), jax.process_count(),
+                     ' '.join(str(int(i)) for i in records))
       t0 = time.time() if step_idx == start else None
       state, metrics = train_step(state, batch)
       data_position += 1
