@@ -5,8 +5,8 @@
 No download and no accelerator: it trains on the CPU in about 9-10 minutes
 (2 cores), then evaluates on a held-out synthetic split with pycocotools and
 writes metrics.json, the mask-scoring report, TensorBoard logs, checkpoints
-and pictures of predictions in the workdir. Measured: bbox_mAP 0.545,
-segm_mAP 0.644, predicted-vs-actual MaskIoU Pearson 0.52 (README.md).
+and pictures of predictions in the workdir. Measured: bbox_mAP 0.540,
+segm_mAP 0.627, predicted-vs-actual MaskIoU Pearson 0.52 (README.md).
 
 The model is the released architecture (ResNet-50 caffe-style + FPN, RPN,
 Shared2FC box head, FCN mask head, MaskIoU head) narrowed 8x in width, with
