@@ -222,7 +222,12 @@ def save_variables(directory: str, variables: Mapping[str, Any],
   try:
     os.makedirs(tmp)
     host = jax.tree.map(np.asarray, dict(variables))
-    ckptr = ocp.StandardCheckpointer()
+    # This process alone writes (host arrays, no barrier with other hosts):
+    # the trainer calls this on process 0 only.
+    me = jax.process_index()
+    ckptr = ocp.StandardCheckpointer(
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me}))
     ckptr.save(os.path.join(tmp, VARIABLES), host)
     ckptr.wait_until_finished()
     with open(os.path.join(tmp, METADATA), 'w') as f:
