@@ -234,6 +234,21 @@ class Programs:
     out = self.jax.eval_shape(fn, *args)
     return self.jax.tree.map(lambda s: _sds(s.shape, s.dtype, self.data), out)
 
+  def _front_stages(self, rpn_cfg):
+    """``(features, proposals)`` stage functions: backbone+FPN, and the RPN
+    stage's head + proposals with ``rpn_cfg``'s NMS settings."""
+    model = self.model
+
+    def features(v, images, pad_shape):
+      return model.apply(v, images, pad_shape, method=model.features)
+
+    def proposals(v, feats, img_shape, pad_shape):
+      def f(m):
+        cls, reg = m.rpn_head.head(feats)
+        return m.rpn_head.proposals(cls, reg, img_shape, pad_shape, rpn_cfg)
+      return model.apply(v, method=f)
+    return features, proposals
+
   def inference_stages(self) -> dict[str, tuple[Callable, tuple]]:
     """Stage programs of inference (see the module docstring)."""
     from msrcnn_jax.modeling.roi_heads import select_class  # pylint: disable=g-import-not-at-top
@@ -241,16 +256,8 @@ class Programs:
     model, cfg, jnp = self.model, self.config, self.jnp
     r, rc = cfg.model.roi_head, cfg.test.rcnn
 
-    def features(v, images, pad_shape):
-      return model.apply(v, images, pad_shape, method=model.features)
+    features, proposals = self._front_stages(cfg.test.rpn)
     feats = self._abstract(features, self.variables, self.images, self.hw2)
-
-    def proposals(v, feats, img_shape, pad_shape):
-      def f(m):
-        cls, reg = m.rpn_head.head(feats)
-        return m.rpn_head.proposals(cls, reg, img_shape, pad_shape,
-                                    cfg.test.rpn)
-      return model.apply(v, method=f)
     props = self._abstract(proposals, self.variables, feats, self.hw2,
                            self.hw2)
 
@@ -334,16 +341,8 @@ class Programs:
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=self.rep)
     batch = self.train_batch()
 
-    def features(v, images, pad_shape):
-      return model.apply(v, images, pad_shape, method=model.features)
+    features, proposals = self._front_stages(t.rpn_proposal)
     feats = self._abstract(features, self.variables, self.images, self.hw2)
-
-    def proposals(v, feats, img_shape, pad_shape):
-      def f(m):
-        cls, reg = m.rpn_head.head(feats)
-        return m.rpn_head.proposals(cls, reg, img_shape, pad_shape,
-                                    t.rpn_proposal)
-      return model.apply(v, method=f)
 
     n_box = int(t.rcnn.num_samples)
     n_mask = int(t.rcnn.num_samples * t.rcnn.pos_fraction)
