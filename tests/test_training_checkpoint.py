@@ -10,6 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from msrcnn_jax import errors
 from msrcnn_jax import variables as variables_lib
 from msrcnn_jax.training import checkpointing
 from msrcnn_jax.training import optimizer
@@ -92,11 +93,16 @@ def test_nan_loss_stops_before_checkpoint_and_keep_last_n(tmp_path):
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored.params))
   assert ck.metadata(5)['data_position'] == 5
   ck.close()
-  with pytest.raises(FloatingPointError, match='loss_aux=nan'):
+  with pytest.raises(FloatingPointError, match='loss_aux=nan') as info:
     train_step_lib.check_finite({'loss': np.float32(np.nan),
                                  'loss_aux': np.float32(np.nan),
                                  'loss_reg': np.float32(1.0),
                                  'finite': np.bool_(False)}, 5)
+  # train.py reports it as one `error:` line naming the settings to change.
+  assert isinstance(info.value, errors.UserError)
+  assert 'loss_reg' not in str(info.value)
+  assert 'train.learning_rate' in str(info.value)
+  assert '\n' not in str(info.value)
 
 
 def _state():

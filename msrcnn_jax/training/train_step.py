@@ -18,6 +18,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from msrcnn_jax import errors
 from msrcnn_jax.training import optimizer as optimizer_lib
 from msrcnn_jax.training import partitioning
 
@@ -142,6 +143,16 @@ def make_train_step(loss_fn: LossFn,
                  donate_argnums=(0,) if donate else ())
 
 
+class NonFiniteStepError(errors.UserError, FloatingPointError):
+  """A training step gave a non-finite loss or gradient.
+
+  A ``UserError`` so that ``train.py`` ends with one ``error:`` line (the
+  usual causes are the run's settings: a learning rate too high for the
+  batch, no warm-up, no gradient clipping), and a ``FloatingPointError``
+  for code that catches numeric failures.
+  """
+
+
 def check_finite(metrics: Mapping[str, Any], step: int) -> None:
   """Raises if a fetched step's metrics say the step was not finite.
 
@@ -150,13 +161,16 @@ def check_finite(metrics: Mapping[str, Any], step: int) -> None:
     step: the index of that update (the state's step before it).
 
   Raises:
-    FloatingPointError: naming the step and every non-finite metric.
+    NonFiniteStepError: naming the step, every non-finite metric and the
+      settings that usually cause it.
   """
   if bool(metrics.get('finite', True)):
     return
   bad = sorted(k for k, v in metrics.items()
                if k != 'finite' and not np.all(np.isfinite(v)))
   values = ', '.join(f'{k}={float(np.asarray(metrics[k]))}' for k in bad)
-  raise FloatingPointError(
+  raise NonFiniteStepError(
       f'Non-finite training step {step}: {values or "gradients"} '
-      f'(state kept at step {step}; no checkpoint written after it).')
+      f'(state kept at step {step}; no checkpoint written after it). '
+      'Lower train.learning_rate, lengthen train.warmup_steps or set '
+      'train.grad_clip_norm, then resume from the last checkpoint.')

@@ -191,8 +191,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     the current step is written and the function returns early.
 
   Raises:
-    FloatingPointError: on a non-finite loss/gradient (naming the step and
-      the loss); no checkpoint is written after the last good step.
+    train_step.NonFiniteStepError: (a ``UserError`` and a
+      ``FloatingPointError``) on a non-finite loss/gradient, naming the step
+      and the loss; no checkpoint is written after the last good step, and
+      ``train.py`` ends with one ``error:`` line.
   """
   t = config.train
   if '://' in workdir:            # e.g. gs://bucket/run on a TPU pod
