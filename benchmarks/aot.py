@@ -421,7 +421,11 @@ def memory_figures(compiled) -> dict[str, float]:
 
 
 def cost_figures(compiled) -> dict[str, float]:
-  """XLA's FLOPs and bytes accessed per chip (None where not reported)."""
+  """XLA's FLOPs and bytes accessed per chip (None where not reported).
+
+  A chip's program is its own share of the batch: divide by the per-chip
+  batch, not the global one, for per-image figures.
+  """
   try:
     cost = compiled.cost_analysis()
   except Exception:  # pylint: disable=broad-except
@@ -679,7 +683,7 @@ def _run(devices, desc, hbm, configs, batches, dtypes, programs, stages,
         for prog in programs:
           fn, args = getattr(progs, prog)()
           compiled, fig = compile_program(fn, args)
-          print(_row(prog, fig, progs.b, hbm), flush=True)
+          print(_row(prog, fig, per_chip, hbm), flush=True)
           rec = dict(target=desc, config=config.name, per_chip=per_chip,
                      chips=n, dtype=dtype, program=prog, hw=hw,
                      hbm_bytes=hbm, **fig)
@@ -702,7 +706,7 @@ def _run(devices, desc, hbm, configs, batches, dtypes, programs, stages,
               del st['step']
             for sname, sfig in st.items():
               label = sname + (' (diff)' if sfig.get('derived') else '')
-              print('  ' + _row(label, sfig, progs.b, hbm)[2:], flush=True)
+              print('  ' + _row(label, sfig, per_chip, hbm)[2:], flush=True)
             rec['stages'] = st
           results.append(rec)
   return results
