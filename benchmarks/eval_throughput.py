@@ -25,16 +25,20 @@ from the set's sizes (``cfg.data.eval_num_buckets``), and the host
 post-processing cost per image per core (CPU seconds of
 paste + RLE + record assembly, all processes, divided by images): the
 figure that caps evaluation at ``cores / cost`` images/s whatever the
-accelerator. The minimum over ``--repeats`` runs is reported (this VM is
+accelerator; and the peak resident memory of the process over the first
+``evaluate_model`` (``ru_maxrss``) beside its RSS just before (the warm-up
+pass drops its records). The minimum over ``--repeats`` runs is reported (this VM is
 shared; the minimum is the least disturbed).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import os
+import resource
 import tempfile
 import time
 
@@ -48,6 +52,7 @@ from msrcnn_jax.config import ms_rcnn_config
 from msrcnn_jax.data import coco as coco_lib
 from msrcnn_jax.data import pipeline
 from msrcnn_jax.evaluation import coco_evaluator
+from msrcnn_jax.evaluation import mask_scoring_report
 from msrcnn_jax.evaluation import run as eval_run
 from msrcnn_jax.inference import Predictor
 
@@ -185,8 +190,15 @@ def run_once(args, root, gt_by_image, cat2label):
       return jax.device_put(out)
 
   cocoeval = {'wall': 0., 'cpu': 0.}
-  saved = (coco_evaluator.CocoEvaluator.evaluate,
-           coco_evaluator.CocoEvaluator.mask_scoring_report)
+  # What evaluate_model runs after (or beside) the detector loop: COCOeval
+  # and the mask-scoring report (whichever of these the code has).
+  targets = [(owner, name) for owner, name in (
+      (coco_evaluator.CocoEvaluator, 'evaluate'),
+      (mask_scoring_report, 'mask_scoring_report'),
+      (getattr(mask_scoring_report, 'MaskScoringAccumulator', None), 'add'),
+      (getattr(mask_scoring_report, 'MaskScoringAccumulator', None),
+       'report')) if owner is not None]
+  saved = [getattr(owner, name) for owner, name in targets]
 
   def timed(fn):
     def wrapper(*a, **kw):
@@ -197,16 +209,18 @@ def run_once(args, root, gt_by_image, cat2label):
         cocoeval['wall'] += time.perf_counter() - t
         cocoeval['cpu'] += time.thread_time() - c
     return wrapper
-  coco_evaluator.CocoEvaluator.evaluate = timed(saved[0])
-  coco_evaluator.CocoEvaluator.mask_scoring_report = timed(saved[1])
+  for (owner, name), fn in zip(targets, saved):
+    setattr(owner, name, timed(fn))
   source = coco_lib.CocoSource(root, 'val', train=False)
   predictor = StubPredictor()
   try:
     # Compiles the paste programs and starts the workers outside the timing.
+    # The records are dropped as they come (the peak RSS is evaluate's).
     with contextlib.redirect_stdout(open(os.devnull, 'w')):
-      list(predictor.predict_batches(pipeline.make_eval_iterator(
-          cfg, source, process_index=0, process_count=1)))
+      collections.deque(predictor.predict_batches(pipeline.make_eval_iterator(
+          cfg, source, process_index=0, process_count=1)), maxlen=0)
     predictor.timings, stub['s'] = {}, 0.
+    rss_before = _rss_mb()
     with tempfile.TemporaryDirectory() as out_dir:
       t0 = time.perf_counter()
       with contextlib.redirect_stdout(open(os.devnull, 'w')):
@@ -214,9 +228,10 @@ def run_once(args, root, gt_by_image, cat2label):
             cfg, {}, out_dir, source=source, progress=False,
             predictor=predictor)
       wall = time.perf_counter() - t0
+      max_rss = _max_rss_mb()
   finally:
-    (coco_evaluator.CocoEvaluator.evaluate,
-     coco_evaluator.CocoEvaluator.mask_scoring_report) = saved
+    for (owner, name), fn in zip(targets, saved):
+      setattr(owner, name, fn)
     predictor.close()
   t = predictor.timings
   return dict(wall=wall - stub['s'], stub=stub['s'],
@@ -224,7 +239,19 @@ def run_once(args, root, gt_by_image, cat2label):
               rle=t.get('rle', 0.), postprocess=t.get('postprocess', 0.),
               host_wait=t.get('host_wait', 0.), cocoeval=cocoeval['wall'],
               cocoeval_cpu=cocoeval['cpu'], segm=metrics['segm_mAP'],
-              bbox=metrics['bbox_mAP'])
+              bbox=metrics['bbox_mAP'], rss_before=rss_before,
+              max_rss=max_rss)
+
+
+def _rss_mb() -> float:
+  """This process's resident set size now, MB."""
+  with open('/proc/self/statm') as f:
+    return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
+
+
+def _max_rss_mb() -> float:
+  """This process's peak resident set size so far (ru_maxrss, KB), MB."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main():
@@ -291,6 +318,10 @@ def main():
   print(f'host post-processing cost: {host * 1e3 / n:.2f} ms per image per '
         f'core (CPU time of outputs_to_records: paste + RLE + records, '
         f'min over runs)')
+  first = runs[0]
+  print(f'peak RSS of this process (ru_maxrss) after the first '
+        f'evaluate_model: {first["max_rss"]:.0f} MB; RSS just before it '
+        f'{first["rss_before"]:.0f} MB (+{first["max_rss"] - first["rss_before"]:.0f} MB)')
 
 
 if __name__ == '__main__':
