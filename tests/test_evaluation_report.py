@@ -128,7 +128,7 @@ def test_evaluator_writes_report_beside_metrics(tmp_path):
   ev.add([rec])
   metrics = ev.evaluate()
   summary, _ = mask_scoring_report(
-      ev.coco_gt, ev.records, ev.category_ids, output_dir=ev.output_dir,
+      ev.coco_gt, [rec], ev.category_ids, output_dir=ev.output_dir,
       metrics=metrics, img_ids=ev.img_ids())
   assert summary['segm_mAP'] == metrics['segm_mAP']
   np.testing.assert_allclose(summary['pearson_maskiou'], 1.0, atol=1e-6)

@@ -29,6 +29,7 @@ import copy
 import io
 import json
 import os
+import tempfile
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -52,6 +53,17 @@ def _rle_for_json(rle: Dict[str, Any]) -> Dict[str, Any]:
   if isinstance(counts, bytes):
     counts = counts.decode()
   return {'size': [int(s) for s in rle['size']], 'counts': counts}
+
+
+def label_major_order(record: Dict[str, Any]) -> np.ndarray:
+  """Indices of a record's detections in results-file order, ``(K,)`` int64.
+
+  ``CocoDataset._segm2json`` writes an image's detections label by label and,
+  within a label, in the record's order (descending score): a stable sort
+  of ``labels``.
+  """
+  labels = np.asarray(record['labels']).reshape(-1).astype(np.int64)
+  return np.argsort(labels, kind='stable')
 
 
 def records_to_coco_results(
@@ -88,8 +100,7 @@ def records_to_coco_results(
       segm_scores = np.asarray(rec[segm_score_key], dtype=np.float32)
       segm_scores = segm_scores.reshape(-1)
     # Stable: within a label the record order is kept (spec §2.8).
-    order = np.argsort(labels, kind='stable')
-    for i in order:
+    for i in label_major_order(rec):
       cat = int(category_ids[int(labels[i])])
       xywh = _xyxy2xywh(boxes[i])
       bbox_results.append({
@@ -119,20 +130,24 @@ def run_cocoeval(
     coco_gt: COCO, results: List[Dict[str, Any]], iou_type: str,
     img_ids: Optional[Sequence[int]] = None,
     cat_ids: Optional[Sequence[int]] = None,
+    copy_results: bool = True,
 ) -> Tuple[COCOeval, str]:
   """evaluate/accumulate/summarize one iou type exactly as mmdetection.
 
   Args:
     coco_gt: ground truth.
-    results: COCO result dicts (not modified; deep-copied).
+    results: COCO result dicts.
     iou_type: ``'bbox'`` or ``'segm'``.
     img_ids: images to evaluate; default every image of ``coco_gt``.
     cat_ids: categories; default every category of ``coco_gt``.
+    copy_results: deep-copy ``results`` first; False lets ``loadRes``
+      modify them (adds ``area``, ``id``...; segm drops ``bbox``), for
+      lists read from a file only for this (no second copy in memory).
 
   Returns:
     ``(cocoeval, summary_text)`` with ``cocoeval.stats`` (12,) filled.
   """
-  preds = copy.deepcopy(results)
+  preds = copy.deepcopy(results) if copy_results else results
   if iou_type == 'segm':
     # mmdet >= 2.12: drop 'bbox' so loadRes uses the mask area for s/m/l.
     for p in preds:
@@ -162,6 +177,7 @@ def evaluate_coco(
     img_ids: Optional[Sequence[int]] = None,
     cat_ids: Optional[Sequence[int]] = None,
     stats_out: Optional[Dict[str, List[float]]] = None,
+    copy_results: bool = True,
 ) -> Dict[str, Any]:
   """COCO metrics with mmdetection v2's key names and rounding.
 
@@ -173,6 +189,7 @@ def evaluate_coco(
     img_ids, cat_ids: restrict the evaluation (default: all of ``coco_gt``,
       as mmdetection's ``self.img_ids`` / ``self.cat_ids``).
     stats_out: if given, receives ``{metric: list of the 12 raw stats}``.
+    copy_results: see :func:`run_cocoeval`.
 
   Returns:
     ``{'bbox_mAP': float, 'bbox_mAP_50', 'bbox_mAP_75', 'bbox_mAP_s',
@@ -187,7 +204,8 @@ def evaluate_coco(
       raise ValueError(f'unsupported metric {metric!r}')
     results = bbox_results if metric == 'bbox' else segm_results
     ev, text = run_cocoeval(coco_gt, list(results or []), metric,
-                            img_ids=img_ids, cat_ids=cat_ids)
+                            img_ids=img_ids, cat_ids=cat_ids,
+                            copy_results=copy_results)
     if print_table:
       print(f'Evaluating {metric}...\n{text}')
     for i, item in enumerate(COCO_METRIC_NAMES):
@@ -199,8 +217,55 @@ def evaluate_coco(
   return out
 
 
+def write_json(path: str, obj: Any, indent: Optional[int] = 2) -> None:
+  """Writes ``obj`` as JSON to ``path`` atomically (``path.tmp`` + rename)."""
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=indent, default=float)
+  os.replace(tmp, path)
+
+
+def load_results(path: str) -> List[Dict[str, Any]]:
+  """A COCO results file (``loadRes``'s format: a JSON list of dicts)."""
+  with open(path) as f:
+    return json.load(f)
+
+
+class JsonListWriter:
+  """Writes a JSON list to a file a few items at a time.
+
+  Items go to ``path + '.tmp'``; :meth:`close` ends the list and renames the
+  file to ``path`` (atomic: a reader never sees a partial list at ``path``);
+  :meth:`discard` removes it. The bytes equal ``json.dump(all_items, f)``.
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+    self.count = 0
+    self._file = open(path + '.tmp', 'w')
+    self._file.write('[')
+
+  def extend(self, items: Sequence[Any]) -> None:
+    if not items:
+      return
+    # json.dumps(list) is '[' + ', '.join(items) + ']'.
+    text = json.dumps(list(items))[1:-1]
+    self._file.write(', ' + text if self.count else text)
+    self.count += len(items)
+
+  def close(self) -> None:
+    self._file.write(']')
+    self._file.close()
+    os.replace(self.path + '.tmp', self.path)
+
+  def discard(self) -> None:
+    self._file.close()
+    if os.path.exists(self.path + '.tmp'):
+      os.remove(self.path + '.tmp')
+
+
 class CocoEvaluator:
-  """Accumulates per-image records over batches, then evaluates and writes.
+  """Streams per-image records to results files, then evaluates them.
 
   Usage::
 
@@ -208,10 +273,18 @@ class CocoEvaluator:
     for batch_records in ...: ev.add(batch_records)
     metrics = ev.evaluate()
 
-  Files written to ``output_dir`` (when given): ``<prefix>.bbox.json``,
-  ``<prefix>.segm.json`` (mmdetection's ``results2json`` names; segm entries
-  keep their ``bbox``), and ``metrics.json`` (the metrics dict plus
-  ``'coco_stats'``: the 12 raw COCOeval stats per metric, and
+  :meth:`add` converts the records to COCO result entries at once and
+  appends them to the results files; only the image ids seen are kept in
+  memory, so memory does not grow with the records' masks (RLE strings).
+  :meth:`evaluate` closes the files and runs COCOeval on them, one metric
+  at a time.
+
+  Files written to ``output_dir`` (a private temporary directory when None,
+  removed with the evaluator): ``<prefix>.bbox.json``, ``<prefix>.segm.json``
+  (mmdetection's ``results2json`` names and format, what
+  ``COCO.loadRes`` reads; segm entries keep their ``bbox``; written as
+  ``*.tmp`` and renamed when complete), and ``metrics.json`` (the metrics
+  dict plus ``'coco_stats'``: the 12 raw COCOeval stats per metric, and
   ``'num_images'``).
   """
 
@@ -223,7 +296,8 @@ class CocoEvaluator:
 
       coco_gt: ground truth.
       category_ids: label -> COCO category id.
-      output_dir: where result and metric files go; None writes nothing.
+      output_dir: where result and metric files go; None: a temporary
+        directory (results files only), removed with the evaluator.
       prefix: result file prefix inside ``output_dir``.
       metrics: ``('bbox', 'segm')`` or a subset.
       only_seen_images: evaluate only the images that were added (records
@@ -232,24 +306,55 @@ class CocoEvaluator:
         unseen images as misses.
       print_table: print the COCOeval summaries.
     """
+    for metric in metrics:
+      if metric not in ('bbox', 'segm'):
+        raise ValueError(f'unsupported metric {metric!r}')
     self.coco_gt = coco_gt
     self.category_ids = tuple(int(c) for c in category_ids)
     self.output_dir = output_dir
+    self._tmp_dir = None
+    if not output_dir:
+      self._tmp_dir = tempfile.TemporaryDirectory(prefix='coco_results_')
+    self.results_dir = output_dir or self._tmp_dir.name
     self.prefix = prefix
     self.metrics = tuple(metrics)
     self.only_seen_images = only_seen_images
     self.print_table = print_table
-    self.records: List[Dict[str, Any]] = []
+    self._writers: Dict[str, JsonListWriter] = {}
+    self._image_ids: set = set()
     self.metrics_result: Optional[Dict[str, Any]] = None
 
+  def results_path(self, metric: str) -> str:
+    """``<results_dir>/<prefix>.<metric>.json`` (complete after evaluate)."""
+    return os.path.join(self.results_dir, f'{self.prefix}.{metric}.json')
+
   def add(self, records: Iterable[Dict[str, Any]]) -> None:
-    """Appends per-image records (one dict per image)."""
-    self.records.extend(records)
+    """Appends per-image records (one dict per image) to the results files.
+
+    Raises:
+      RuntimeError: after :meth:`evaluate` (call :meth:`reset` first).
+    """
+    records = list(records)
+    if self._writers is None:
+      raise RuntimeError('CocoEvaluator.add after evaluate(); call reset()')
+    if not self._writers:
+      os.makedirs(self.results_dir, exist_ok=True)
+      self._writers = {m: JsonListWriter(self.results_path(m))
+                       for m in self.metrics}
+    self._image_ids.update(int(r['image_id']) for r in records)
+    bbox, segm = records_to_coco_results(records, self.category_ids)
+    for metric, entries in (('bbox', bbox), ('segm', segm)):
+      if metric in self._writers:
+        self._writers[metric].extend(entries)
 
   update = add
 
   def reset(self) -> None:
-    self.records = []
+    """Forgets everything added (unfinished results files are removed)."""
+    for w in (self._writers or {}).values():
+      w.discard()
+    self._writers = {}
+    self._image_ids = set()
     self.metrics_result = None
 
   def img_ids(self) -> Optional[List[int]]:
@@ -257,32 +362,40 @@ class CocoEvaluator:
     ``only_seen_images``, else None (every image of the annotations)."""
     if not self.only_seen_images:
       return None
-    return sorted({int(r['image_id']) for r in self.records})
+    return sorted(self._image_ids)
 
-  def results(self) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
-    """``records_to_coco_results`` of everything added so far."""
-    return records_to_coco_results(self.records, self.category_ids)
+  def _close_files(self) -> None:
+    if self._writers is None:
+      return
+    if not self._writers:   # nothing added: empty results files
+      self._writers = {m: JsonListWriter(self.results_path(m))
+                       for m in self.metrics}
+    for w in self._writers.values():
+      w.close()
+    self._writers = None
 
   def evaluate(self) -> Dict[str, Any]:
-    """Runs COCOeval for each metric; writes the files; returns metrics."""
-    bbox_results, segm_results = self.results()
+    """Completes the results files, runs COCOeval on each; returns metrics.
+
+    Writes ``metrics.json`` to ``output_dir`` when given.
+    """
+    self._close_files()
     img_ids = self.img_ids()
     stats: Dict[str, List[float]] = {}
-    metrics = evaluate_coco(
-        self.coco_gt, bbox_results, segm_results, metrics=self.metrics,
-        print_table=self.print_table, img_ids=img_ids, stats_out=stats)
+    metrics: Dict[str, Any] = {}
+    for metric in self.metrics:
+      results = load_results(self.results_path(metric))
+      metrics.update(evaluate_coco(
+          self.coco_gt, results if metric == 'bbox' else None,
+          results if metric == 'segm' else None, metrics=(metric,),
+          print_table=self.print_table, img_ids=img_ids, stats_out=stats,
+          copy_results=False))
+      del results
     if self.output_dir:
-      os.makedirs(self.output_dir, exist_ok=True)
-      for name, res in (('bbox', bbox_results), ('segm', segm_results)):
-        if name in self.metrics:
-          path = os.path.join(self.output_dir, f'{self.prefix}.{name}.json')
-          with open(path, 'w') as f:
-            json.dump(res, f)
       payload = dict(metrics)
       payload['coco_stats'] = stats
       payload['num_images'] = len(
           img_ids if img_ids is not None else self.coco_gt.getImgIds())
-      with open(os.path.join(self.output_dir, 'metrics.json'), 'w') as f:
-        json.dump(payload, f, indent=2)
+      write_json(os.path.join(self.output_dir, 'metrics.json'), payload)
     self.metrics_result = metrics
     return metrics

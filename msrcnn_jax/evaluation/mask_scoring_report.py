@@ -17,7 +17,6 @@ trained only on positives, spec §3.4).
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -27,7 +26,7 @@ from pycocotools.coco import COCO
 from scipy import stats as sp_stats
 
 from msrcnn_jax.evaluation.coco_evaluator import (
-    evaluate_coco, records_to_coco_results)
+    evaluate_coco, label_major_order, records_to_coco_results, write_json)
 
 REPORT_JSON = 'mask_scoring_report.json'
 SCATTER_PNG = 'mask_scoring_scatter.png'
@@ -130,6 +129,77 @@ def _save_scatter(path: str, actual: np.ndarray, pred: np.ndarray,
   fig.savefig(path, format='png')
 
 
+class MaskScoringAccumulator:
+  """What the report needs, gathered one record at a time.
+
+  Per detection it keeps 4 float64 numbers (actual IoU, predicted MaskIoU,
+  box score, mask score, in record order) and the box score in results-file
+  order (``label_major_order``), not the masks: the actual IoU is computed
+  in :meth:`add`, and the box-score segm AP of :meth:`report` re-scores the
+  segm results (read back from the file by the caller).
+  """
+
+  def __init__(self, coco_gt: COCO, category_ids: Sequence[int]):
+    self.coco_gt = coco_gt
+    self.category_ids = tuple(int(c) for c in category_ids)
+    self._columns: Dict[str, List[np.ndarray]] = {
+        k: [] for k in ('actual', 'mask_iou', 'scores', 'mask_scores',
+                        'entry_scores')}
+    self._image_ids: set = set()
+
+  def add(self, record: Dict[str, Any]) -> None:
+    """One per-image record (``coco_evaluator`` docstring) with
+    ``scores``, ``labels``, ``mask_iou``, ``mask_scores`` and ``masks``."""
+    self._image_ids.add(int(record['image_id']))
+    cols = self._columns
+    cols['actual'].append(actual_mask_ious(self.coco_gt, [record],
+                                           self.category_ids)[0])
+    for key in ('mask_iou', 'scores', 'mask_scores'):
+      cols[key].append(np.asarray(record[key], np.float64).reshape(-1))
+    cols['entry_scores'].append(
+        np.asarray(record['scores'], np.float32).reshape(-1)[
+            label_major_order(record)])
+
+  def _column(self, key: str) -> np.ndarray:
+    parts = self._columns[key]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+  def report(self, segm_results: List[Dict[str, Any]],
+             output_dir: Optional[str] = None,
+             metrics: Optional[Dict[str, Any]] = None,
+             img_ids: Optional[Sequence[int]] = None
+             ) -> Tuple[Dict[str, Any], str]:
+    """The report (see :func:`mask_scoring_report`) of everything added.
+
+    Args:
+      segm_results: the segm results of the added records in file order
+        (``records_to_coco_results``, or the results file read back); used
+        up: their scores are replaced by the box scores.
+      output_dir, metrics, img_ids: as :func:`mask_scoring_report`.
+    """
+    if img_ids is None:
+      img_ids = sorted(self._image_ids)
+    items = ('mAP', 'mAP_50', 'mAP_75')
+    if metrics is None or any(f'segm_{k}' not in metrics for k in items):
+      metrics = evaluate_coco(self.coco_gt, None, segm_results,
+                              metrics=('segm',), print_table=False,
+                              img_ids=img_ids)
+    entry_scores = self._column('entry_scores')
+    if len(entry_scores) != len(segm_results):
+      raise ValueError(f'{len(segm_results)} segm results for '
+                       f'{len(entry_scores)} added detections')
+    for entry, score in zip(segm_results, entry_scores.tolist()):
+      entry['score'] = score
+    box_metrics = evaluate_coco(self.coco_gt, None, segm_results,
+                                metrics=('segm',), print_table=False,
+                                img_ids=img_ids, copy_results=False)
+    actual = self._column('actual')
+    pred, box = self._column('mask_iou'), self._column('scores')
+    mscore = self._column('mask_scores')
+    return _summarize(actual, pred, box, mscore, metrics, box_metrics,
+                      output_dir)
+
+
 def mask_scoring_report(
     coco_gt: COCO,
     records: Sequence[Dict[str, Any]],
@@ -160,17 +230,20 @@ def mask_scoring_report(
     ``segm_mAP_gain`` (mask minus box score), ``calibration`` and
     ``matched_definition``; ``log`` is one paragraph for the log.
   """
-  records = list(records)
-  if img_ids is None:
-    img_ids = sorted({int(r['image_id']) for r in records})
-  ious = actual_mask_ious(coco_gt, records, category_ids)
+  acc = MaskScoringAccumulator(coco_gt, category_ids)
+  for rec in records:
+    acc.add(rec)
+  _, segm = records_to_coco_results(records, category_ids)
+  return acc.report(segm, output_dir=output_dir, metrics=metrics,
+                    img_ids=img_ids)
 
-  def cat(key):
-    parts = [np.asarray(r[key], np.float64).reshape(-1) for r in records]
-    return np.concatenate(parts) if parts else np.zeros(0)
 
-  actual = np.concatenate(ious) if ious else np.zeros(0)
-  pred, box, mscore = cat('mask_iou'), cat('scores'), cat('mask_scores')
+def _summarize(actual: np.ndarray, pred: np.ndarray, box: np.ndarray,
+               mscore: np.ndarray, metrics: Dict[str, Any],
+               box_metrics: Dict[str, Any], output_dir: Optional[str]
+               ) -> Tuple[Dict[str, Any], str]:
+  """The summary and log line from per-detection columns (record order)
+  and the segm metrics with mask scores / box scores."""
   matched = actual > 0
   a, p, b, m = actual[matched], pred[matched], box[matched], mscore[matched]
   s: Dict[str, Any] = {'num_detections': int(len(actual)),
@@ -181,16 +254,7 @@ def mask_scoring_report(
   s['mean_actual_iou'] = float(a.mean()) if len(a) else None
   s['mean_pred_mask_iou'] = float(p.mean()) if len(a) else None
 
-  items = ('mAP', 'mAP_50', 'mAP_75')
-  if metrics is None or any(f'segm_{k}' not in metrics for k in items):
-    _, segm = records_to_coco_results(records, category_ids)
-    metrics = evaluate_coco(coco_gt, None, segm, metrics=('segm',),
-                            print_table=False, img_ids=img_ids)
-  _, segm_box = records_to_coco_results(records, category_ids,
-                                        segm_score_key='scores')
-  box_metrics = evaluate_coco(coco_gt, None, segm_box, metrics=('segm',),
-                              print_table=False, img_ids=img_ids)
-  for k in items:
+  for k in ('mAP', 'mAP_50', 'mAP_75'):
     s[f'segm_{k}'] = metrics[f'segm_{k}']
     s[f'segm_{k}_boxscore'] = box_metrics[f'segm_{k}']
   s['segm_mAP_gain'] = round(s['segm_mAP'] - s['segm_mAP_boxscore'], 3)
@@ -212,7 +276,6 @@ def mask_scoring_report(
       f'({s["segm_mAP_gain"]:+.3f}).')
   if output_dir:
     os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, REPORT_JSON), 'w') as f:
-      json.dump(dict(s, log=log), f, indent=2)
+    write_json(os.path.join(output_dir, REPORT_JSON), dict(s, log=log))
     _save_scatter(os.path.join(output_dir, SCATTER_PNG), a, p, b, s)
   return s, log

@@ -18,6 +18,8 @@ import tqdm
 from msrcnn_jax.data import pipeline
 from msrcnn_jax.evaluation import mask_scoring_report
 from msrcnn_jax.evaluation.coco_evaluator import CocoEvaluator
+from msrcnn_jax.evaluation.coco_evaluator import load_results
+from msrcnn_jax.evaluation.coco_evaluator import write_json
 from msrcnn_jax.inference import Predictor
 from msrcnn_jax.ops.masks import encode_rle
 
@@ -103,9 +105,14 @@ def coco_ground_truth(source) -> Any:
 def evaluate_model(config: ml_collections.ConfigDict, variables: dict,
                    output_dir: str, source=None, max_images: int = 0,
                    batch_size: int | None = None, progress: bool = True,
-                   predictor: Predictor | None = None
+                   predictor: Predictor | None = None, keep_records: int = 0
                    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
   """Inference + COCO evaluation + mask-scoring report over a split.
+
+  Records are not kept: each batch's detections are appended to the results
+  files (``<output_dir>/results.{bbox,segm}.json``, mmdetection's format,
+  renamed into place when complete) and to the mask-scoring report's
+  per-detection numbers as they arrive; COCOeval then reads the files.
 
   Args:
     config: the full config; ``config.data`` selects the evaluation source.
@@ -116,11 +123,14 @@ def evaluate_model(config: ml_collections.ConfigDict, variables: dict,
     batch_size: images per batch (default ``config.test.batch_size``).
     progress: show a progress bar.
     predictor: reuse a compiled predictor.
+    keep_records: also return the first N per-image records (e.g. to draw
+      them); 0 keeps none.
 
   Returns:
     (metrics dict with mmdetection's key names and ``mask_scoring`` summary,
-    the per-image records as evaluated: detections whose label is not a
-    category of the dataset are dropped, see ``keep_known_labels``).
+    the first ``keep_records`` per-image records as evaluated: detections
+    whose label is not a category of the dataset are dropped, see
+    ``keep_known_labels``).
   """
   if source is None:
     source = pipeline.build_source(config, train=False)
@@ -139,23 +149,29 @@ def evaluate_model(config: ml_collections.ConfigDict, variables: dict,
       process_count=1)
   evaluator = CocoEvaluator(coco_gt, cat_ids, output_dir=output_dir,
                             prefix='results')
+  scoring = mask_scoring_report.MaskScoringAccumulator(coco_gt, cat_ids)
   num_classes = config.model.num_classes
   if num_classes > len(cat_ids):
     logging.warning(
         'The model has %d classes but the dataset only %d categories; '
         'detections with labels >= %d are not evaluated.', num_classes,
         len(cat_ids), len(cat_ids))
-  records, dropped = [], 0
+  records, dropped, done = [], 0, False
   bar = tqdm.tqdm(total=len(source), disable=not progress, unit='img',
                   desc='evaluate')
   try:
     for rec in predictor.predict_batches(batches):
       rec, n = keep_known_labels(rec, len(cat_ids))
       dropped += n
-      records.append(rec)
+      if len(records) < keep_records:
+        records.append(rec)
       evaluator.add([rec])
+      scoring.add(rec)
       bar.update(1)
+    done = True
   finally:
+    if not done:
+      evaluator.reset()   # no partial results files left behind
     bar.close()
     batches.close()
     if own_predictor:
@@ -166,10 +182,9 @@ def evaluate_model(config: ml_collections.ConfigDict, variables: dict,
     logging.warning('%d detections with labels outside the dataset\'s %d '
                     'categories dropped.', dropped, len(cat_ids))
   metrics = evaluator.evaluate()
-  summary, log = mask_scoring_report.mask_scoring_report(
-      evaluator.coco_gt, evaluator.records, evaluator.category_ids,
-      output_dir=evaluator.output_dir, metrics=evaluator.metrics_result,
-      img_ids=evaluator.img_ids())
+  summary, log = scoring.report(
+      load_results(evaluator.results_path('segm')), output_dir=output_dir,
+      metrics=metrics, img_ids=evaluator.img_ids())
   logging.info('%s', log)
   print(log)
   metrics['mask_scoring'] = summary
@@ -184,9 +199,3 @@ def evaluate_model(config: ml_collections.ConfigDict, variables: dict,
     write_json(path, payload)
   return metrics, records
 
-
-def write_json(path: str, obj: Any) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, default=float)
-  os.replace(tmp, path)

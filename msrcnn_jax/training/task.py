@@ -105,10 +105,11 @@ class DetectorTask:
     self._predictor.variables = variables
     out_dir = os.path.join(self.workdir or '.', 'eval')
     os.makedirs(out_dir, exist_ok=True)
+    n_vis = int(self.config.get('num_vis_images', 0))
     metrics, records = evaluate_model(
         self.config, variables, out_dir, source=self._eval_source,
-        progress=jax.process_index() == 0, predictor=self._predictor)
-    n_vis = int(self.config.get('num_vis_images', 0))
+        progress=jax.process_index() == 0, predictor=self._predictor,
+        keep_records=n_vis)
     if n_vis and jax.process_index() == 0:
       self._visualize(records[:n_vis], out_dir)
     flat = {k: float(v) for k, v in metrics.items()
