@@ -30,8 +30,10 @@ def _rle(m):
   return {'size': e['size'], 'counts': e['counts'].decode()}
 
 
-def generated_set(seed=0, num_images=36, num_cats=25):
-  """(pycocotools COCO, category ids, per-image detection records)."""
+def generated_set(seed=0, num_images=36, num_cats=25, many_dets=130):
+  """(pycocotools COCO, category ids, per-image detection records).
+
+  Image 9 has ``many_dets`` detections, the others 0 to 39."""
   rng = np.random.default_rng(seed)
   cat_ids = sorted(int(c) for c in rng.choice(np.arange(1, 91), num_cats,
                                               replace=False))
@@ -58,7 +60,7 @@ def generated_set(seed=0, num_images=36, num_cats=25):
           bbox=[float(v) for v in mask_util.toBbox(rle)],
           iscrowd=int(rng.random() < 0.12)))
       gts.append((m, label))
-    k = 0 if i % 11 == 5 else (130 if i == 9 else int(rng.integers(1, 40)))
+    k = 0 if i % 11 == 5 else (many_dets if i == 9 else int(rng.integers(1, 40)))
     boxes, labels, masks = [], [], []
     for _ in range(k):
       if gts and rng.random() < 0.6:
