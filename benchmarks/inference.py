@@ -108,7 +108,8 @@ def time_image(config, variables, path: str, bucket: str, dtype: str,
     t3, c3 = time.perf_counter(), time.process_time()
     if i == 0:
       print(f'{dtype}: image {os.path.basename(path)} '
-            f'{tuple(item["ori_shape"])} resized {tuple(item["img_shape"])} '
+            f'{tuple(int(v) for v in item["ori_shape"])} resized '
+            f'{tuple(int(v) for v in item["img_shape"])} '
             f'run at {tuple(batch["image"].shape[1:3])} ({bucket} bucket); '
             f'first call (compile) {t2 - t1:.1f} s; '
             f'{len(rec["scores"])} detections')
