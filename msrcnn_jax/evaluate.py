@@ -28,7 +28,8 @@ from msrcnn_jax import compilation_cache
 from msrcnn_jax import config as config_lib
 from msrcnn_jax import errors
 from msrcnn_jax.data import pipeline
-from msrcnn_jax.evaluation.run import evaluate_model, write_json
+from msrcnn_jax.evaluation.coco_evaluator import write_json
+from msrcnn_jax.evaluation.run import evaluate_model
 from msrcnn_jax.modeling import build
 
 _CONFIG = config_flags.DEFINE_config_file(

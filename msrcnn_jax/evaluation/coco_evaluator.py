@@ -217,11 +217,12 @@ def evaluate_coco(
   return out
 
 
-def write_json(path: str, obj: Any, indent: Optional[int] = 2) -> None:
-  """Writes ``obj`` as JSON to ``path`` atomically (``path.tmp`` + rename)."""
+def write_json(path: str, obj: Any) -> None:
+  """Writes ``obj`` as indented JSON to ``path`` atomically (``path.tmp`` +
+  rename); numpy scalars as floats."""
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=indent, default=float)
+    json.dump(obj, f, indent=2, default=float)
   os.replace(tmp, path)
 
 

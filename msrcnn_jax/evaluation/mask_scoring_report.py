@@ -230,6 +230,7 @@ def mask_scoring_report(
     ``segm_mAP_gain`` (mask minus box score), ``calibration`` and
     ``matched_definition``; ``log`` is one paragraph for the log.
   """
+  records = list(records)
   acc = MaskScoringAccumulator(coco_gt, category_ids)
   for rec in records:
     acc.add(rec)
