@@ -18,7 +18,9 @@ padded image in its bucket (``--bucket config``: the smallest of
 mmdetection computes and what ``cfg.data.eval_num_buckets`` picks for a split
 of this size), the detector with the device->host copy, then the host
 post-processing (masks pasted at the original size, RLE) as
-``postprocess.host_records``. Prints wall and CPU seconds (``process_time``:
+``postprocess.host_records``; and, on its own, the backbone + FPN part of the
+detector (``MaskScoringRCNN.features``, compiled separately: the rest of the
+detector is RPN, RoI heads and MaskIoU). Prints wall and CPU seconds (``process_time``:
 all threads) per stage, min and median over ``--iters`` runs, and the load
 average: mmdetection's ``simple_test`` on the same image and checkpoint
 (``../shared/tools/bench_mmdet.py``) covers the same work but the RLE.
@@ -90,8 +92,11 @@ def time_image(config, variables, path: str, bucket: str, dtype: str,
     data_cfg.buckets = [tuple(int(v) for v in item['pad_shape'])]
   item.update(image_id=0, file_name=os.path.basename(path))
   predictor = Predictor(config, variables, dtype=dtype)
+  features = jax.jit(lambda v, image, pad_shape: predictor.model.apply(
+      v, image, pad_shape, method=MaskScoringRCNN.features))
   thr = float(config.test.rcnn.mask_thr_binary)
-  stages = ('preprocess', 'detector', 'paste', 'rle', 'total')
+  stages = ('preprocess', 'detector', 'paste', 'rle', 'total',
+            'backbone+FPN')
   wall = {k: [] for k in stages}
   cpu = {k: [] for k in stages}
   for i in range(iters + 1):
@@ -106,6 +111,9 @@ def time_image(config, variables, path: str, bucket: str, dtype: str,
                   ori_shape=tuple(int(v) for v in item['ori_shape']))]
     (rec,), times = postprocess.host_records(host, metas, thr)
     t3, c3 = time.perf_counter(), time.process_time()
+    jax.block_until_ready(features(variables, batch['image'],
+                                   batch['pad_shape']))
+    t4, c4 = time.perf_counter(), time.process_time()
     if i == 0:
       print(f'{dtype}: image {os.path.basename(path)} '
             f'{tuple(int(v) for v in item["ori_shape"])} resized '
@@ -118,9 +126,9 @@ def time_image(config, variables, path: str, bucket: str, dtype: str,
     # paste / rle: host_records' thread CPU split; wall split alike.
     share = times['paste'] / max(times['postprocess'], 1e-9)
     for d, vals in ((wall, (t1 - t0, t2 - t1, post_wall * share,
-                            post_wall * (1 - share), t3 - t0)),
+                            post_wall * (1 - share), t3 - t0, t4 - t3)),
                     (cpu, (c1 - c0, c2 - c1, post_cpu * share,
-                           post_cpu * (1 - share), c3 - c0))):
+                           post_cpu * (1 - share), c3 - c0, c4 - c3))):
       for k, v in zip(stages, vals):
         d[k].append(v)
   print(f'  load average {os.getloadavg()}; {iters} runs, seconds min / '
