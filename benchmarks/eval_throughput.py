@@ -190,9 +190,10 @@ def run_once(args, root, gt_by_image, cat2label):
       return jax.device_put(out)
 
   cocoeval = {'wall': 0., 'cpu': 0.}
-  # What evaluate_model runs after (or beside) the detector loop: COCOeval
-  # and the mask-scoring report (whichever of these the code has).
+  # What evaluate_model runs after (or beside) the detector loop: results
+  # entries, COCOeval and the mask-scoring report (whichever the code has).
   targets = [(owner, name) for owner, name in (
+      (coco_evaluator.CocoEvaluator, 'add'),
       (coco_evaluator.CocoEvaluator, 'evaluate'),
       (mask_scoring_report, 'mask_scoring_report'),
       (getattr(mask_scoring_report, 'MaskScoringAccumulator', None), 'add'),
