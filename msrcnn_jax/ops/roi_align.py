@@ -30,10 +30,13 @@ aspect ratio r has a long side < 28 * sqrt(r) feature px there:
     exact for max_samples >= 6.
 ``benchmarks/roi_align.py --analysis`` prints these fractions.
 
-Cost: RoIs are sorted by the slots they use and pooled in chunks; each chunk
-loops only over its used slot pairs (a gather of ``chunk x out x out``
-C-vectors and a multiply-add per pair), so small RoIs stay cheap whatever
-the cap.
+Cost: a RoI uses ``ny x nx`` slot pairs ("taps": its used slots per side).
+RoIs are sorted by their tap count and pooled in chunks; a chunk loops over
+the taps of its largest RoI, each RoI over its own pairs (a gather of
+``chunk x out x out`` C-vectors and a multiply-add per tap), so small RoIs
+stay cheap whatever the cap. In a batch (``multilevel_roi_align``) chunk j
+of every image loops the same count, the largest over the images, so the
+loop has one predicate and updates its carry in place.
 Memory stays ``O(chunk * out^2 * C)``. The backward (features only, as mmcv)
 is a custom VJP that scatter-adds along the same slots.
 
@@ -171,8 +174,16 @@ def _used_slots(weights):
   return jnp.max(jnp.where(weights != 0, k, 0), axis=(1, 2))
 
 
-def _tap_loop(flat, rowoff, wy, rx, wx, ny, nx, cot=None):
-  """Weighted-gather over one chunk's slots, skipping unused slots.
+def _tap_loop(flat, rowoff, wy, rx, wx, nx, taps, bound, cot=None):
+  """Weighted gather over one chunk's slot pairs, RoI by RoI.
+
+  Tap ``t`` of RoI ``i`` is its slot pair ``(k, l) = (t // nx_i, t % nx_i)``
+  for ``t < taps_i = ny_i * nx_i`` (its used slots, row-major) and weight 0
+  beyond, so each RoI visits its own pairs in the same order whatever the
+  chunk, and the loop runs ``bound`` (>= the chunk's largest ``taps``)
+  steps. The sum of each output is the same sequence of float32 additions
+  as a loop over the chunk's ``max ny x max nx`` grid (that grid only adds
+  products with a zero weight in between).
 
   Forward (``cot is None``): returns ``(chunk, out, out, C)`` float32
   ``sum_{k<ny, l<nx} wy[:, p, k] * wx[:, q, l]
@@ -180,15 +191,20 @@ def _tap_loop(flat, rowoff, wy, rx, wx, ny, nx, cot=None):
   Backward: scatter-adds ``cot`` (same shape) into ``flat`` (the running
   gradient table) and returns it.
   """
-  my, mx = jnp.max(ny), jnp.max(nx)
+  last = wy.shape[-1] - 1
+  per_roi = jnp.maximum(nx, 1)[:, None, None]
+
+  def pick(a, j):
+    j = jnp.broadcast_to(j, a.shape[:2] + (1,))
+    return jnp.take_along_axis(a, j, axis=2)[..., 0]
 
   def tap(t):
-    k, l = t // mx, t % mx
-    r = jax.lax.dynamic_index_in_dim(rowoff, k, 2, keepdims=False)  # (c, p)
-    c = jax.lax.dynamic_index_in_dim(rx, l, 2, keepdims=False)      # (c, q)
-    w1 = jax.lax.dynamic_index_in_dim(wy, k, 2, keepdims=False)
-    w2 = jax.lax.dynamic_index_in_dim(wx, l, 2, keepdims=False)
-    return r[:, :, None] + c[:, None, :], (w1[:, :, None] * w2[:, None, :])
+    k = jnp.minimum(t // per_roi, last)
+    l = t % per_roi
+    r, c = pick(rowoff, k), pick(rx, l)                     # (c, p), (c, q)
+    w = pick(wy, k)[:, :, None] * pick(wx, l)[:, None, :]
+    w = jnp.where((t < taps)[:, None, None], w, 0.)
+    return r[:, :, None] + c[:, None, :], w
 
   if cot is None:
     def step(t, acc):
@@ -197,40 +213,41 @@ def _tap_loop(flat, rowoff, wy, rx, wx, ny, nx, cot=None):
           flat, idx, axis=0, mode='clip').astype(jnp.float32)
     acc = jnp.zeros(rowoff.shape[:2] + (rx.shape[1], flat.shape[-1]),
                     jnp.float32)
-    return jax.lax.fori_loop(0, my * mx, step, acc)
+    return jax.lax.fori_loop(0, bound, step, acc)
 
   def bstep(t, grad):
     idx, w = tap(t)
     return grad.at[idx].add((w[..., None] * cot).astype(grad.dtype),
                             mode='drop')
-  return jax.lax.fori_loop(0, my * mx, bstep, flat)
+  return jax.lax.fori_loop(0, bound, bstep, flat)
 
 
 @jax.custom_vjp
-def _pool_chunks(flat, rowoff, wy, rx, wx, ny, nx):
+def _pool_chunks(flat, rowoff, wy, rx, wx, nx, taps, bounds):
   """``(nc, chunk, out, out, C)`` pooled features, chunk by chunk.
 
-  Linear in ``flat``; the custom VJP scatter-adds into the feature table
-  (mmcv's RoIAlign backward: no gradient for the boxes).
+  ``bounds (nc,)``: taps each chunk loops over. Linear in ``flat``; the
+  custom VJP scatter-adds into the feature table (mmcv's RoIAlign backward:
+  no gradient for the boxes).
   """
   return jax.lax.map(lambda a: _tap_loop(flat, *a),
-                     (rowoff, wy, rx, wx, ny, nx))
+                     (rowoff, wy, rx, wx, nx, taps, bounds))
 
 
-def _pool_fwd(flat, rowoff, wy, rx, wx, ny, nx):
-  out = _pool_chunks(flat, rowoff, wy, rx, wx, ny, nx)
+def _pool_fwd(flat, rowoff, wy, rx, wx, nx, taps, bounds):
+  out = _pool_chunks(flat, rowoff, wy, rx, wx, nx, taps, bounds)
   # A zero-size probe carries the table's length and dtype to the backward.
   probe = jnp.zeros((flat.shape[0], 0), flat.dtype)
-  return out, (probe, rowoff, wy, rx, wx, ny, nx)
+  return out, (probe, rowoff, wy, rx, wx, nx, taps, bounds)
 
 
 def _pool_bwd(res, cot):
-  probe, rowoff, wy, rx, wx, ny, nx = res
+  probe, *slots = res
   def body(grad, a):
-    return _tap_loop(grad, *a[:6], cot=a[6]), None
+    return _tap_loop(grad, *a[:7], cot=a[7]), None
   grad0 = jnp.zeros((probe.shape[0], cot.shape[-1]), jnp.float32)
-  grad, _ = jax.lax.scan(body, grad0, (rowoff, wy, rx, wx, ny, nx, cot))
-  return (grad.astype(probe.dtype), None, None, None, None, None, None)
+  grad, _ = jax.lax.scan(body, grad0, (*slots, cot))
+  return (grad.astype(probe.dtype),) + (None,) * 7
 
 
 _pool_chunks.defvjp(_pool_fwd, _pool_bwd)
@@ -242,15 +259,19 @@ def _default_chunk():
   return 32 if jax.default_backend() == 'cpu' else 512
 
 
-def _roi_align_flat(flat, boxes, spatial_scale, valid_h, valid_w, row_stride,
-                    base, output_size, max_samples, sampling_ratio, aligned,
-                    chunk):
-  """RoIAlign of N RoIs reading a flattened ``(T, C)`` feature table.
+def _sorted_chunks(boxes, spatial_scale, valid_h, valid_w, row_stride, base,
+                   output_size, max_samples, sampling_ratio, aligned, chunk):
+  """Slots of N RoIs reading a flattened ``(T, C)`` feature table, sorted
+  by tap count and cut into chunks.
 
   Feature pixel (r, c) of a RoI's map is ``flat[base + r * row_stride + c]``.
-  All per-RoI arguments are ``(N,)``; returns ``(N, out, out, C)``.
-  RoIs are sorted by the number of slots they use and pooled in chunks; each
-  chunk only loops over the slots its RoIs use.
+  All per-RoI arguments are ``(N,)``.
+
+  Returns:
+    ``(slots, chunk_taps, inverse)``: ``slots`` = ``(rowoff, wy, rx, wx,
+    nx, taps)``, each ``(n_chunks, chunk, ...)`` (padding RoIs have 0 taps);
+    ``chunk_taps (n_chunks,)`` the largest tap count of each chunk;
+    ``inverse (N,)`` each RoI's position in the sorted order.
   """
   offset = 0.5 if aligned else 0.
   x1 = boxes[:, 0] * spatial_scale - offset
@@ -265,23 +286,41 @@ def _roi_align_flat(flat, boxes, spatial_scale, valid_h, valid_w, row_stride,
   rx, wx = _axis_slots(x1, w, valid_w, output_size, max_samples,
                        sampling_ratio)
   rowoff = base[:, None, None] + ry * row_stride[:, None, None]
-  ny, nx = _used_slots(wy), _used_slots(wx)
+  nx = _used_slots(wx)
+  taps = _used_slots(wy) * nx
 
   n = boxes.shape[0]
   chunk = max(1, min(chunk or _default_chunk(), n))
   n_chunks = -(-n // chunk)
-  order = jnp.argsort(ny * (max_samples + 3) + nx)
+  order = jnp.argsort(taps)
   def prep(a):
     a = a[order]
     a = jnp.concatenate(
         [a, jnp.zeros((n_chunks * chunk - n,) + a.shape[1:], a.dtype)])
     return a.reshape((n_chunks, chunk) + a.shape[1:])
-  pooled = _pool_chunks(flat, *(prep(a) for a in (rowoff, wy, rx, wx, ny,
-                                                  nx)))
-  pooled = pooled.reshape((n_chunks * chunk,) + pooled.shape[2:])
+  slots = tuple(prep(a) for a in (rowoff, wy, rx, wx, nx, taps))
   inverse = jnp.zeros_like(order).at[order].set(
       jnp.arange(n, dtype=order.dtype))
+  return slots, jnp.max(slots[-1], axis=1), inverse
+
+
+def _pool_sorted(flat, slots, bounds, inverse):
+  """``(N, out, out, C)`` in ``flat.dtype``, from ``_sorted_chunks``'s
+  slots; chunk ``j`` loops ``bounds[j]`` taps."""
+  pooled = _pool_chunks(flat, *slots, bounds)
+  pooled = pooled.reshape((-1,) + pooled.shape[2:])
   return pooled[inverse].astype(flat.dtype)
+
+
+def _roi_align_flat(flat, *args):
+  """RoIAlign of N RoIs reading a flattened ``(T, C)`` feature table.
+
+  ``args`` are ``_sorted_chunks``'s; returns ``(N, out, out, C)``. RoIs are
+  sorted by the slot pairs (taps) they use and pooled in chunks; each chunk
+  only loops over the taps of its largest RoI.
+  """
+  slots, chunk_taps, inverse = _sorted_chunks(*args)
+  return _pool_sorted(flat, slots, chunk_taps, inverse)
 
 
 def roi_align(feat: jnp.ndarray, boxes: jnp.ndarray, spatial_scale: float,
@@ -454,7 +493,16 @@ def _multilevel_jit(feats, boxes, pad_shape, strides, output_size,
   # batch-sharded program pools each chip's images on that chip (one table
   # for the whole batch made every chip loop over all RoIs of the global
   # batch and all-reduce the result; benchmarks/aot.py --audit).
-  def one_image(table, rois, vh_i, vw_i, row_stride, base):
-    return _roi_align_flat(table, rois, 1., vh_i, vw_i, row_stride, base,
-                           output_size, max_samples, 0, True, chunk)
-  return jax.vmap(one_image)(flat, scaled, vh, vw, widths[lvl], bases[lvl])
+  def one_image(rois, vh_i, vw_i, row_stride, base):
+    return _sorted_chunks(rois, 1., vh_i, vw_i, row_stride, base,
+                          output_size, max_samples, 0, True, chunk)
+  slots, chunk_taps, inverse = jax.vmap(one_image)(
+      scaled, vh, vw, widths[lvl], bases[lvl])
+  # Chunk j of every image loops the batch's largest tap count of chunk j,
+  # a bound shared by the images (not per image): the batched loop then has
+  # one predicate, so its carry (the pooled chunk; in the backward the
+  # whole gradient table) is updated in place instead of being selected
+  # image by image on every step (benchmarks/loops.py).
+  bounds = jnp.max(chunk_taps, axis=0)
+  return jax.vmap(_pool_sorted, in_axes=(0, 0, None, 0))(
+      flat, slots, bounds, inverse)
