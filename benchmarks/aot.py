@@ -448,10 +448,15 @@ _MOVES = ('gather', 'scatter', 'all-gather', 'all-reduce', 'all-to-all',
 _SHAPE = re.compile(r'([a-z]+\d*)\[([\d,]*)\]')
 
 
-def _elements(shape: str) -> int:
+_ITEMSIZE = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2,
+             'u16': 2, 'f64': 8, 's64': 8, 'u64': 8}
+
+
+def _elements(shape: str, nbytes: bool = False) -> int:
+  """Elements (or bytes: ``nbytes``) of the array shapes in ``shape``."""
   total = 0
-  for _, dims in _SHAPE.findall(shape):
-    n = 1
+  for dtype, dims in _SHAPE.findall(shape):
+    n = _ITEMSIZE.get(dtype, 4) if nbytes else 1
     for d in filter(None, dims.split(',')):
       n *= int(d)
     total += n
@@ -508,16 +513,8 @@ def _stack_frames(text: str) -> dict[int, str]:
   return out
 
 
-def audit_hlo(text: str) -> dict[str, Any]:
-  """Loops and gathers/scatters of an optimised HLO module (text).
-
-  Returns:
-    ``loops``: list of dicts (source, trip count or None, parent loop,
-    body op counts); ``gathers``, ``scatters``, ``all-gathers``,
-    ``all-reduces``, ...: per source line, count and the largest number of
-    elements moved (result elements; update elements of a scatter).
-  """
-  frames = _stack_frames(text)
+def computations(text: str) -> dict[str, list[str]]:
+  """Instruction lines of each computation of an HLO module (text)."""
   comps: dict[str, list[str]] = collections.OrderedDict()
   cur = None
   for line in text.splitlines():
@@ -532,6 +529,20 @@ def audit_hlo(text: str) -> dict[str, Any]:
         cur = None
       else:
         comps[cur].append(line)
+  return comps
+
+
+def audit_hlo(text: str) -> dict[str, Any]:
+  """Loops and gathers/scatters of an optimised HLO module (text).
+
+  Returns:
+    ``loops``: list of dicts (source, trip count or None, parent loop,
+    body op counts); ``gathers``, ``scatters``, ``all-gathers``,
+    ``all-reduces``, ...: per source line, count and the largest number of
+    elements moved (result elements; update elements of a scatter).
+  """
+  frames = _stack_frames(text)
+  comps = computations(text)
   # Which computations each computation calls (fusions, loops, calls).
   calls = {c: set(re.findall(r'(?:calls|body|condition|to_apply|'
                              r'branch_computations)=\{?%?([\w.\-]+)',

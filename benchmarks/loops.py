@@ -58,6 +58,9 @@ from msrcnn_jax.ops import anchors as anchors_lib
 from msrcnn_jax.ops import boxes as boxes_lib
 from msrcnn_jax.ops import roi_align as ra
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import aot  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 IMG = (800, 1333)     # test-scale image (h, w)
 PAD = (800, 1344)     # padded to /32
 STRIDES = (4, 8, 16, 32, 64)
@@ -293,42 +296,14 @@ def simulated_taps(ny, nx, chunk, key):
 
 
 # ------------------------------------------------------------ HLO costs
-_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2,
-          'u16': 2, 'f32': 4, 's32': 4, 'u32': 4, 'f64': 8, 's64': 8,
-          'u64': 8}
-_SHAPE = re.compile(r'\b(pred|[su]\d+|bf16|f\d+)\[([\d,]*)\]')
-_INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s'
-                    r'([a-z][\w\-]*)\((.*)$')
-_COMP = re.compile(r'^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$')
 _FREE = ('parameter', 'get-tuple-element', 'tuple', 'constant', 'bitcast',
          'while', 'call', 'conditional', 'after-all', 'partition-id',
          'replica-id', 'opt-barrier')
+_INSTR = aot._INSTR  # pylint: disable=protected-access
 
 
 def _nbytes(text: str) -> int:
-  total = 0
-  for dt, dims in _SHAPE.findall(text):
-    n = 1
-    for d in filter(None, dims.split(',')):
-      n *= int(d)
-    total += n * _BYTES.get(dt, 4)
-  return total
-
-
-def _computations(text: str) -> dict[str, list[str]]:
-  comps, cur = collections.OrderedDict(), None
-  for line in text.splitlines():
-    line = re.sub(r'/\*.*?\*/', '', line)
-    m = _COMP.match(line)
-    if m and '=' not in line.split('{')[0]:
-      cur = m.group(1)
-      comps[cur] = []
-    elif cur is not None:
-      if line.strip() == '}':
-        cur = None
-      else:
-        comps[cur].append(line)
-  return comps
+  return aot._elements(text, nbytes=True)  # pylint: disable=protected-access
 
 
 def _operands(args: str) -> list[str]:
@@ -409,10 +384,8 @@ def loop_costs(text: str) -> list[dict]:
   """Per ``while`` of an optimised HLO module: kernels and bytes per
   iteration of its body and condition (nested loops excluded: listed on
   their own), and its source line."""
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  import aot  # pylint: disable=g-import-not-at-top
   frames = aot._stack_frames(text)  # pylint: disable=protected-access
-  comps = _computations(text)
+  comps = aot.computations(text)
   out = []
   for lines in comps.values():
     for line in lines:
@@ -451,8 +424,6 @@ def loop_costs(text: str) -> list[dict]:
 
 def hlo_costs(batch, channels=256):
   """Loop costs of each stage compiled alone for one H200 (deviceless)."""
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  import aot  # pylint: disable=g-import-not-at-top
   devices, desc, _ = aot.target_devices('gpu', chips=1)
   sharding = jax.sharding.SingleDeviceSharding(devices[0])
   sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
