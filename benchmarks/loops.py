@@ -271,7 +271,8 @@ def simulated_taps(ny, nx, chunk, key):
 
   ``ny, nx``: ``(B, N)``. ``key``: 'grid' (sort by (ny, nx), a chunk loops
   max ny x max nx) or 'product' (sort by ny * nx, a chunk loops max ny*nx).
-  Returns ``(trips, padded RoI-taps per image, useful RoI-taps per image)``.
+  Returns ``(taps looped, padded RoI-taps per image, useful RoI-taps per
+  image, loop steps of ``ra.TAPS_PER_STEP`` taps)``.
   """
   bsz, n = ny.shape
   chunk = min(chunk, n)
@@ -289,10 +290,10 @@ def simulated_taps(ny, nx, chunk, key):
         per_chunk[b, c] = ny[b][sel].max() * nx[b][sel].max()
       else:
         per_chunk[b, c] = (ny[b][sel] * nx[b][sel]).max()
-  trips = int(per_chunk.max(0).sum())
-  padded = float(per_chunk.max(0).sum() * chunk)
+  bounds = per_chunk.max(0)
+  steps = int((-(-bounds // ra.TAPS_PER_STEP)).sum())
   useful = float((ny * nx).sum(1).mean())
-  return trips, padded, useful
+  return int(bounds.sum()), float(bounds.sum() * chunk), useful, steps
 
 
 # ------------------------------------------------------------ HLO costs
@@ -551,13 +552,13 @@ def main():
         ny, nx = ny.reshape(rois.shape[:2]), nx.reshape(rois.shape[:2])
         sims = {k: simulated_taps(ny, nx, args.roi_chunk, k)
                 for k in ('grid', 'product')}
+        grid, prod = sims['grid'], sims['product']
         print(f'RoIAlign {name}: {_fmt(trips)} ({cpu:.2f} CPU-s); '
               f'taps per RoI mean {np.mean(ny * nx):.1f} max '
-              f'{(ny * nx).max()}; simulated trips (sort by (ny, nx)) '
-              f'{sims["grid"][0]}, padded/useful taps '
-              f'{sims["grid"][1] / max(sims["grid"][2], 1):.1f}; '
-              f'(sort by ny*nx) {sims["product"][0]}, '
-              f'{sims["product"][1] / max(sims["product"][2], 1):.1f}')
+              f'{(ny * nx).max()}; simulated: chunk grid max ny x max nx '
+              f'{grid[0]} taps (padded/useful {grid[1] / grid[2]:.1f}), '
+              f'sorted by ny*nx {prod[0]} taps ({prod[1] / prod[2]:.1f}) '
+              f'= {prod[3]} steps of {ra.TAPS_PER_STEP}')
   if args.hlo:
     hlo_costs(bsz)
 
