@@ -182,8 +182,8 @@ def _tap_loop(flat, rowoff, wy, rx, wx, nx, taps, bound, cot=None):
   Tap ``t`` of RoI ``i`` is its slot pair ``(k, l) = (t // nx_i, t % nx_i)``
   for ``t < taps_i = ny_i * nx_i`` (its used slots, row-major) and weight 0
   beyond, so each RoI visits its own pairs in the same order whatever the
-  chunk, and the loop runs ``bound`` (>= the chunk's largest ``taps``)
-  steps. The sum of each output is the same sequence of float32 additions
+  chunk, and the loop covers ``bound`` (>= the chunk's largest ``taps``)
+  taps in steps of ``TAPS_PER_STEP``. The sum of each output is the same sequence of float32 additions
   as a loop over the chunk's ``max ny x max nx`` grid (that grid only adds
   products with a zero weight in between).
 
