@@ -21,16 +21,19 @@ Inputs (``--scenes``):
 
 Stages counted: RPN proposals (test nms_pre 1000, train nms_pre 2000; NMS
 block loop, kept-buffer scan, in-block fixed point), R-CNN multiclass NMS,
-RoIAlign taps per chunk (box stage 7x7 of the 1000 proposals, mask stage
-14x14 of the 100 detections, training 512 sampled RoIs 7x7 and <= 128
-positive RoIs 14x14, forward and the backward scan).
+RoIAlign's tap loop (steps of ``TAPS_PER_STEP`` taps per chunk; box stage
+7x7 of the 1000 proposals, mask stage 14x14 of the 100 detections,
+training 512 sampled RoIs 7x7 and <= 128 positive RoIs 14x14, forward and
+the backward scan), with the taps that sorting by ``(ny, nx)`` (the former
+order) and by ``ny * nx`` would loop, simulated from the RoIs' used slots.
 
 ``--hlo`` (needs the jax-cuda12 plugin, e.g. /work/venv-8) also compiles each
 stage alone for the H200 target (batch ``--batch`` on one chip, deviceless)
 and prints, per ``while`` loop of the optimised program, the kernels and
 the bytes its body (condition included) moves per iteration, estimated
 from the operand and result shapes (a gather counts the rows it reads, an
-in-place update the rows it writes).
+in-place update the rows it writes). BENCHMARKS.md ("Loop decisions")
+turns trips x per-iteration figures into device-time estimates.
 
   python benchmarks/loops.py [--batch 8] [--scenes coco,fixture] \
       [--block-sizes 256,1024] [--roi-chunk 512]
