@@ -29,11 +29,16 @@ setup(
         'convert': ['torch>=2.0'],
         'tfds': ['tensorflow-cpu>=2.15', 'tensorflow-datasets>=4.9'],
         'test': ['pytest>=7', 'pytest-xdist>=3', 'chex>=0.1.85'],
-        # Deviceless compilation for an H200 (benchmarks/aot.py,
-        # tests/test_accelerator_compile.py): XLA's CUDA compiler, no driver
-        # or GPU needed. Pinned to the JAX version the project is tested with.
+        # Deviceless compilation for an H200 (benchmarks/aot.py
+        # --target=gpu): XLA's CUDA compiler and ptxas, no driver, GPU or CUDA
+        # libraries needed. Install it in a separate virtualenv: the plugin
+        # prints its driver probe in every JAX process of a CPU-only machine.
+        # Pinned to the JAX version the project is tested with. The tests
+        # (tests/test_accelerator_compile.py) use the same packages in
+        # build/accel instead, installed by .ci/run at the installed JAX.
         'accel': ['jax==0.10.2', 'jaxlib==0.10.2',
-                  'jax-cuda12-plugin==0.10.2', 'jax-cuda12-pjrt==0.10.2'],
+                  'jax-cuda12-plugin==0.10.2', 'jax-cuda12-pjrt==0.10.2',
+                  'nvidia-cuda-nvcc-cu12==12.8.93'],
         # TPU topologies for benchmarks/aot.py --target=tpu (libtpu, ~700 MB).
         'tpu-aot': ['jax[tpu]==0.10.2'],
     },

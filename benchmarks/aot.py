@@ -695,8 +695,9 @@ def _run(devices, desc, hbm, configs, batches, dtypes, programs, stages,
           fn, args = getattr(progs, prog)()
           compiled, fig = compile_program(fn, args)
           print(_row(prog, fig, per_chip, hbm), flush=True)
-          rec = dict(target=desc, config=config.name, per_chip=per_chip,
-                     chips=n, dtype=dtype, program=prog, hw=hw,
+          rec = dict(target=desc, device_kind=devices[0].device_kind,
+                     config=config.name, per_chip=per_chip, chips=n,
+                     dtype=dtype, program=prog, hw=hw,
                      hbm_bytes=hbm, **fig)
           if audit:
             rec['audit'] = audit_hlo(compiled.as_text())
