@@ -25,7 +25,9 @@ reports a cost analysis (TPU, CPU; the GPU compiler returns none), and, with
     nms_pre 2000, 512 sampled RoIs, 128 positive mask RoIs), then derived:
     targets+losses = loss forward - the forward stages, backward = value and
     grad - loss forward, optimizer = full step - value and grad.
-  Derived rows are differences of FLOPs/bytes (no memory figure).
+  Derived rows are differences of FLOPs, bytes and compile time, and of
+    per-chip memory for backward and optimizer (what value-and-grad adds to
+    the loss forward, what the full step adds to value-and-grad).
 
 ``--audit`` prints the sequential-work audit of each compiled program: every
 ``while`` loop (``lax.while_loop``/``fori_loop``/``scan``/``map``) with its
@@ -631,8 +633,13 @@ def _row(label: str, fig: dict[str, Any], images: int, hbm) -> str:
   nbytes = fig.get('bytes')
   total = fig.get('total')
   if fig.get('derived'):
-    return (f'  {label:<16} (difference of the rows above) | GFLOP/img '
-            f'{"-" if flops is None else f"{flops / images / 1e9:.1f}"} '
+    mem = ''
+    if 'total' in fig:
+      mem = (f' temp {_fmt_bytes(fig["temporaries"])} total '
+             f'{_fmt_bytes(total)}')
+    return (f'  {label:<16} (difference of the rows above) compile '
+            f'{fig.get("compile_s", 0):6.1f} s | GiB/chip{mem or " -"} | '
+            f'GFLOP/img {"-" if flops is None else f"{flops / images / 1e9:.1f}"} '
             f'GB/img {"-" if nbytes is None else f"{nbytes / images / 1e9:.2f}"}')
   frac = f'{100 * total / hbm:.0f}%' if (total and hbm) else '-'
   return (f'  {label:<16} lower {fig.get("lower_s", 0):6.1f} s  compile '
@@ -647,12 +654,15 @@ def _row(label: str, fig: dict[str, Any], images: int, hbm) -> str:
 
 def _derive(stages: dict[str, dict], order: list[tuple[str, str, list[str]]]
             ) -> None:
-  """Adds difference rows (FLOPs and bytes only) to ``stages``."""
+  """Adds difference rows to ``stages``: FLOPs, bytes and compile time;
+  per-chip memory (temporaries, total) only where one program is taken from
+  a larger one (the peak of separately compiled stages does not add up)."""
   for name, whole, parts in order:
     if whole not in stages or any(p not in stages for p in parts):
       continue
     fig = {}
-    for key in ('flops', 'bytes'):
+    memory = ('temporaries', 'total') if len(parts) == 1 else ()
+    for key in ('flops', 'bytes', 'compile_s') + memory:
       vals = [stages[p].get(key) for p in parts]
       if stages[whole].get(key) is not None and None not in vals:
         fig[key] = stages[whole][key] - sum(vals)
