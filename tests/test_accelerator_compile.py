@@ -5,8 +5,8 @@ ptxas from nvidia-cuda-nvcc-cu12; no GPU, driver or CUDA libraries) compiles
 the released R-50 config's bfloat16 train step and inference for 2 abstract
 H200s with 2 images of 800x1344 per chip, sharded as ``train.py`` shards
 them. The compiler lives in ``build/accel`` (git-ignored), installed by
-``.ci/run`` and used only by one subprocess, ``benchmarks/aot.py`` with
-``build/accel`` on its PYTHONPATH: the CUDA plugin prints its driver probe in
+``.ci/run`` and used only by the tests' subprocesses, ``benchmarks/aot.py``
+with ``build/accel`` on its PYTHONPATH: the CUDA plugin prints its driver probe in
 every JAX process of a CPU-only machine, so neither this process nor any
 other test may load it. CI sets MSRCNN_REQUIRE_GPU_COMPILE=1, under which a
 missing ``build/accel`` fails; elsewhere the tests skip and say how to
@@ -15,17 +15,17 @@ install it.
 Checked per chip, from the compiled programs themselves (the JSON the
 script writes: ``memory_analysis()`` and the audit of the optimised HLO):
 - memory (arguments + outputs + temporaries + code) under a stated budget:
-  measured 0.49 GiB (inference) and 3.08 GiB (train step) after RoIAlign
-  pooled image by image (before: 0.77 and 3.11 GiB);
+  measured 0.49 GiB (inference) and 3.11 GiB (train step) after RoIAlign
+  pooled image by image (before, on 4 chips: 0.77 and 3.11 GiB);
 - no all-gather, all-to-all or collective-permute of more than 100k
   elements (index vectors, not feature maps), and in inference no
   all-reduce beyond loop bounds: a batch-sharded program must not combine
   another chip's images; RoIAlign's chunk loop runs at most 2 times (this
   chip's RoIs). RoIAlign over one table of the whole batch made every chip
   loop over all RoIs of the global batch (8 chunks instead of 2).
-Cost: one subprocess, about 65 s wall and 85 CPU-s on the 2-core VM at a
-load average of ~2 (two compiles of 11 s and 22 s on a quiet core, plus
-tracing, lowering and ptxas).
+Cost: one subprocess per test, 76 CPU-s together (inference 26, train step
+50: imports, tracing, the two compiles and ptxas); 37 s + 63 s wall on the
+2-core VM at a load average of 5-7.
 """
 
 import importlib.metadata
