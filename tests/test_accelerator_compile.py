@@ -6,9 +6,9 @@ the released R-50 config's bfloat16 train step and inference for 2 abstract
 H200s with 2 images of 800x1344 per chip, sharded as ``train.py`` shards
 them. The compiler lives in ``build/accel`` (git-ignored), installed by
 ``.ci/run`` and used only by the tests' subprocesses, ``benchmarks/aot.py``
-with ``build/accel`` on its PYTHONPATH: the CUDA plugin prints its driver probe in
-every JAX process of a CPU-only machine, so neither this process nor any
-other test may load it. CI sets MSRCNN_REQUIRE_GPU_COMPILE=1, under which a
+with ``build/accel`` on its PYTHONPATH: the CUDA plugin prints its driver
+probe in every JAX process of a CPU-only machine, so neither this process
+nor any other test may load it. CI sets MSRCNN_REQUIRE_GPU_COMPILE=1, under which a
 missing ``build/accel`` fails; elsewhere the tests skip and say how to
 install it.
 
