@@ -1,8 +1,8 @@
 r"""Ahead-of-time compilation of inference and the train step, no device needed.
 
-  # The GPU target (H200 numbers) needs XLA's CUDA compiler: pip install -e '.[accel]'
-  # in a separate virtualenv, or PYTHONPATH=$PWD:build/accel after .ci/run's
-  # build/accel line; TPU topologies need libtpu: '.[tpu-aot]'.
+  # The GPU target (H200 numbers) needs XLA's CUDA compiler: in a separate
+  # virtualenv, pip install -e '.[accel]'; or PYTHONPATH=$PWD:build/accel
+  # after .ci/run's build/accel line. TPU topologies need '.[tpu-aot]'.
   JAX_PLATFORMS=cpu python benchmarks/aot.py --target=gpu --chips=4 \
       --configs=configs/ms_rcnn_r50_caffe_fpn_1x_coco.py --batch=2 --dtypes=bfloat16
   JAX_PLATFORMS=cpu python benchmarks/aot.py --target=tpu --topology=v5e:2x2 \

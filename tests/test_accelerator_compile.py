@@ -8,9 +8,9 @@ them. The compiler lives in ``build/accel`` (git-ignored), installed by
 ``.ci/run`` and used only by the tests' subprocesses, ``benchmarks/aot.py``
 with ``build/accel`` on its PYTHONPATH: the CUDA plugin prints its driver
 probe in every JAX process of a CPU-only machine, so neither this process
-nor any other test may load it. CI sets MSRCNN_REQUIRE_GPU_COMPILE=1, under which a
-missing ``build/accel`` fails; elsewhere the tests skip and say how to
-install it.
+nor any other test may load it. CI sets MSRCNN_REQUIRE_GPU_COMPILE=1, under
+which a missing ``build/accel`` fails; elsewhere the tests skip and say how
+to install it.
 
 Checked per chip, from the compiled programs themselves (the JSON the
 script writes: ``memory_analysis()`` and the audit of the optimised HLO):
