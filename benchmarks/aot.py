@@ -160,20 +160,26 @@ def target_devices(target: str, topology: str = 'v5e:2x2', chips: int = 4
 def accelerator_defaults(target: str):
   """Within: programs are traced with the target's backend defaults.
 
-  RoIAlign's chunk default follows ``jax.default_backend()``, which is the
-  CPU in this process; for an accelerator target it must be the
-  accelerator's (512). Restored, with RoIAlign's trace cache cleared, on
+  RoIAlign's chunk default and the packing of ResNeXt's narrow conv groups
+  (``ops.grouped_conv``) follow ``jax.default_backend()``, which is the CPU
+  in this process; for an accelerator target they must be the
+  accelerator's (chunks of 512; packing on a TPU). Restored, with RoIAlign's trace cache cleared, on
   exit, so CPU programs traced later in the same process are unaffected.
   """
+  from msrcnn_jax.ops import grouped_conv  # pylint: disable=g-import-not-at-top
   from msrcnn_jax.ops import roi_align  # pylint: disable=g-import-not-at-top
   saved = roi_align._default_chunk  # pylint: disable=protected-access
+  saved_packing = grouped_conv.packing_enabled
   if target != 'local':
     roi_align._default_chunk = lambda: 512  # pylint: disable=protected-access
+  if target == 'tpu':   # ResNeXt's narrow groups packed into 128 lanes
+    grouped_conv.packing_enabled = lambda: True
   roi_align._multilevel_jit.clear_cache()  # pylint: disable=protected-access
   try:
     yield
   finally:
     roi_align._default_chunk = saved  # pylint: disable=protected-access
+    grouped_conv.packing_enabled = saved_packing
     roi_align._multilevel_jit.clear_cache()  # pylint: disable=protected-access
 
 

@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from msrcnn_jax.ops import grouped_conv
+
 # mmcv initialisers (used only when training from scratch; spec §1.6):
 # kaiming_init(mode='fan_out', nonlinearity='relu', distribution='normal').
 KAIMING_FAN_OUT = nn.initializers.variance_scaling(
@@ -66,6 +68,8 @@ def conv(features: int, kernel_size: int, stride: int = 1, groups: int = 1,
     kernel_size: square kernel side.
     stride: square stride.
     groups: ``feature_group_count``; the kernel is ``(k, k, in/groups, out)``.
+      On a TPU, groups narrower than 32 channels run packed into 128-lane
+      blocks (``ops.grouped_conv``; same parameters and results).
     use_bias: whether the conv has a bias (mmdetection: False before BN).
     padding: symmetric padding per side; ``kernel_size // 2`` by default
       (never 'SAME', spec §5.5).
@@ -81,7 +85,10 @@ def conv(features: int, kernel_size: int, stride: int = 1, groups: int = 1,
                  strides=(stride, stride), padding=((pad, pad), (pad, pad)),
                  feature_group_count=groups, use_bias=use_bias,
                  kernel_init=kernel_init, bias_init=nn.initializers.zeros,
-                 dtype=dtype, param_dtype=jnp.float32, name=name)
+                 dtype=dtype, param_dtype=jnp.float32,
+                 conv_general_dilated=(grouped_conv.conv_general_dilated
+                                       if groups > 1 else None),
+                 name=name)
 
 
 class ConvModule(nn.Module):
