@@ -32,7 +32,11 @@ Sections (``--sections``, default all):
     and tolerances (tests/test_end_to_end_parity.py); then in bfloat16,
     reported as the share of mmdetection's detections (score >= 0.3) matched
     with the same label, box IoU >= 0.9 and |score diff| <= 0.05 (stated
-    bf16 tolerance: >= 90%).
+    bf16 tolerance: >= 90%). The fixtures' random weights amplify any
+    perturbation (0.3% input noise in float32 becomes 35% at C5 on the CPU),
+    so the float32 model on the bf16-rounded input runs beside it; where
+    that baseline also misses 90%, bf16 is reported as not assessable on
+    the fixture.
 
 Writes ``suite.json`` (every figure) to ``--out`` and prints a short table
 last. Reads only files inside the repository.
@@ -188,30 +192,52 @@ def parity_section(smoke: bool) -> list[dict[str, Any]]:
     except AssertionError as e:
       row['float32'] = f'FAIL: {e}'
     # bfloat16: the same model and weights with bf16 convolutions/dense.
+    # The fixtures' weights are random, and a random deep network amplifies
+    # any perturbation (measured on the CPU: 0.3% input noise in float32
+    # becomes 35% at C5), so the float32 model fed the bf16-rounded input is
+    # run beside it: where that baseline also misses the bar, the fixture
+    # cannot judge bf16 and the row says so instead of passing or failing.
     cfg, variables, _ = parity._model(set_name)  # pylint: disable=protected-access
-    model = MaskScoringRCNN(cfg, dtype=jnp.bfloat16)
-    fn = jax.jit(model.apply)
-    matched = total = 0
     from msrcnn_jax import postprocess  # pylint: disable=g-import-not-at-top
     from msrcnn_jax.inference import batch_by_bucket  # pylint: disable=g-import-not-at-top
     items = parity._items(cfg, images)  # pylint: disable=protected-access
-    for batch in batch_by_bucket(items, 1, cfg.data):
-      out = jax.device_get(fn(variables, batch['image'], batch['img_shape'],
-                              batch['pad_shape'], batch['scale_factor']))
-      meta = [dict(image_id=int(batch['image_id'][0]),
-                   file_name=batch['file_name'][0],
-                   ori_shape=tuple(batch['ori_shape'][0]))]
-      rec = postprocess.outputs_to_records(out, meta)[0]
-      name = images[rec['image_id']]
-      ref = [e for e in results if e['image'] == f'{name}.png']
-      m, t = _bf16_matched(ref, rec)
-      matched, total = matched + m, total + t
+
+    def share_matched(dtype, round_input):
+      fn = jax.jit(MaskScoringRCNN(cfg, dtype=dtype).apply)
+      matched = total = 0
+      for batch in batch_by_bucket(items, 1, cfg.data):
+        image = jnp.asarray(batch['image'])
+        if round_input:
+          image = image.astype(jnp.bfloat16).astype(jnp.float32)
+        out = jax.device_get(fn(variables, image, batch['img_shape'],
+                                batch['pad_shape'], batch['scale_factor']))
+        meta = [dict(image_id=int(batch['image_id'][0]),
+                     file_name=batch['file_name'][0],
+                     ori_shape=tuple(batch['ori_shape'][0]))]
+        rec = postprocess.outputs_to_records(out, meta)[0]
+        name = images[rec['image_id']]
+        ref = [e for e in results if e['image'] == f'{name}.png']
+        m, t = _bf16_matched(ref, rec)
+        matched, total = matched + m, total + t
+      return matched, total
+
+    matched, total = share_matched(jnp.bfloat16, False)
+    base_m, base_t = share_matched(jnp.float32, True)
     share = matched / total if total else 1.0
+    base = base_m / base_t if base_t else 1.0
+    bar = BF16_TOL['min_matched']
+    if share >= bar:
+      verdict = 'pass'
+    elif base < bar:
+      verdict = (f'n/a ({share:.0%} matched; float32 with bf16-rounded input '
+                 f'{base:.0%}: the random-weight fixture amplifies rounding)')
+    else:
+      verdict = f'FAIL ({share:.0%} matched)'
     row.update(bf16_matched=matched, bf16_total=total,
-               bfloat16='pass' if share >= BF16_TOL['min_matched'] else
-               f'FAIL ({share:.0%} matched)')
+               f32_rounded_input_matched=base_m, bfloat16=verdict)
     print(f'parity {set_name}: float32 {row["float32"][:80]}, bfloat16 '
-          f'{matched}/{total} matched -> {row["bfloat16"]}', flush=True)
+          f'{matched}/{total} matched, float32 with bf16-rounded input '
+          f'{base_m}/{base_t} -> {verdict}', flush=True)
     rows.append(row)
   return rows
 
