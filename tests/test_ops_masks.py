@@ -79,6 +79,9 @@ def _torch_paste(mask, box, h0, w0):
       boxes.min(dim=0).values.floor()[:2] - 1, min=0).to(dtype=torch.int32)
   x1_int = torch.clamp(boxes[:, 2].max().ceil() + 1, max=w0).to(torch.int32)
   y1_int = torch.clamp(boxes[:, 3].max().ceil() + 1, max=h0).to(torch.int32)
+  if x1_int <= x0_int or y1_int <= y0_int:   # wholly outside the image
+    return np.zeros((0, 0), np.float32), (int(y0_int), int(y0_int),
+                                          int(x0_int), int(x0_int))
   x0, y0, x1, y1 = torch.split(boxes, 1, dim=1)
   img_y = torch.arange(y0_int, y1_int).to(torch.float32) + 0.5
   img_x = torch.arange(x0_int, x1_int).to(torch.float32) + 0.5

@@ -13,20 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest
-import torch
-import torch.nn.functional as F
 
 from conftest import SET_IMAGES, SETS, load_npz, load_results
+import test_ops_masks
 from msrcnn_jax import inference
 from msrcnn_jax import postprocess
 from msrcnn_jax.config import ms_rcnn_config
 from msrcnn_jax.ops import masks as masks_lib
-
-
-def _mmdet_boxes(d):
-  """get_seg_masks' boxes: (det * scale_factor) / scale_factor, float32."""
-  sf = d['scale_factor'].astype(np.float32)
-  return (d['det_bboxes'][:, :4].astype(np.float32) * sf) / sf
 
 
 def _device_outputs(logits, boxes, labels):
@@ -71,7 +64,7 @@ def test_device_paste_reproduces_mmdetection(set_name, image):
   d = load_npz(set_name, image)
   hw = tuple(int(v) for v in d['ori_shape'][:2])
   # One canvas for every fixture image (one compilation).
-  rec = _records(_device_outputs(d['mask_pred'], _mmdet_boxes(d),
+  rec = _records(_device_outputs(d['mask_pred'], test_ops_masks._mmdet_boxes(d),
                                  d['det_labels']), hw, on_device=True,
                  canvas=(512, 768))
   ref = [e for e in load_results(set_name)
@@ -86,26 +79,10 @@ def test_device_paste_reproduces_mmdetection(set_name, image):
 
 
 def _torch_paste(mask, box, h0, w0):
-  """mmdetection's _do_paste_mask(skip_empty=True) for one mask, full size."""
-  x0, y0, x1, y1 = (torch.tensor([[float(v)]]) for v in box)
-  xl = max(int(np.floor(box[0])) - 1, 0)
-  yl = max(int(np.floor(box[1])) - 1, 0)
-  xh = min(int(np.ceil(box[2])) + 1, w0)
-  yh = min(int(np.ceil(box[3])) + 1, h0)
+  """mmdetection's _do_paste_mask(skip_empty=True) for one mask, full size,
+  thresholded at 0.5 (the region paste of tests/test_ops_masks.py)."""
+  val, (yl, yh, xl, xh) = test_ops_masks._torch_paste(mask, box, h0, w0)  # pylint: disable=protected-access
   out = np.zeros((h0, w0), bool)
-  if xh <= xl or yh <= yl:
-    return out
-  img_y = torch.arange(yl, yh).to(torch.float32) + 0.5
-  img_x = torch.arange(xl, xh).to(torch.float32) + 0.5
-  img_y = (img_y - y0) / (y1 - y0) * 2 - 1
-  img_x = (img_x - x0) / (x1 - x0) * 2 - 1
-  img_x[torch.isinf(img_x)] = 0
-  img_y[torch.isinf(img_y)] = 0
-  gx = img_x[:, None, :].expand(1, img_y.size(1), img_x.size(1))
-  gy = img_y[:, :, None].expand(1, img_y.size(1), img_x.size(1))
-  grid = torch.stack([gx, gy], dim=3)
-  val = F.grid_sample(torch.from_numpy(mask[None, None]), grid,
-                      align_corners=False)[0, 0].numpy()
   out[yl:yh, xl:xh] = val >= 0.5
   return out
 

@@ -60,14 +60,24 @@ def _taps(g, size):
   ``x = fma(g + 1, size / 2, -0.5)``; ``w = x - floor(x)``.
   """
   x = _fma(g + np.float32(1.), np.float32(size / 2), np.float32(-.5))
-  x0 = np.floor(x)
-  w1 = (x - x0).astype(np.float32)           # weight of the high tap
-  w0 = (np.float32(1.) - w1).astype(np.float32)
-  i0 = x0.astype(np.int64)
+  return _neighbour_taps(x, size, np, np.int64)
+
+
+def _neighbour_taps(x, size: int, xp, index_dtype):
+  """The two taps around float32 sample coordinates ``x`` of one axis.
+
+  ``xp`` is ``numpy`` (host) or ``jax.numpy`` (device). Returns the low and
+  high index (clipped into ``[0, size)``), their weights (``w1 = x -
+  floor(x)`` for the high tap) and whether each tap lies inside the axis.
+  """
+  x0 = xp.floor(x)
+  w1 = (x - x0).astype(xp.float32)           # weight of the high tap
+  w0 = (xp.float32(1.) - w1).astype(xp.float32)
+  i0 = x0.astype(index_dtype)
   i1 = i0 + 1
   ok0 = (i0 >= 0) & (i0 < size)
   ok1 = (i1 >= 0) & (i1 < size)
-  return (np.clip(i0, 0, size - 1), np.clip(i1, 0, size - 1), w0, w1, ok0,
+  return (xp.clip(i0, 0, size - 1), xp.clip(i1, 0, size - 1), w0, w1, ok0,
           ok1)
 
 
@@ -178,15 +188,7 @@ def _taps_jnp(c0, c1, n: int, size: int):
   g = g * jnp.float32(2.) - jnp.float32(1.)
   g = jnp.where(jnp.isinf(g), jnp.float32(0.), g)
   x = (g + jnp.float32(1.)) * jnp.float32(size / 2) - jnp.float32(.5)
-  x0 = jnp.floor(x)
-  w1 = x - x0
-  w0 = jnp.float32(1.) - w1
-  i0 = x0.astype(jnp.int32)
-  i1 = i0 + 1
-  ok0 = (i0 >= 0) & (i0 < size)
-  ok1 = (i1 >= 0) & (i1 < size)
-  return (jnp.clip(i0, 0, size - 1), jnp.clip(i1, 0, size - 1), w0, w1, ok0,
-          ok1)
+  return _neighbour_taps(x, size, jnp, jnp.int32)
 
 
 def paste_masks_jnp(mask_probs: jnp.ndarray, boxes: jnp.ndarray, out_hw,
