@@ -35,11 +35,18 @@ handle it where they agree, and refused where they crash late:
 - A polygon part with fewer than 3 points (under 6 numbers), an odd number
   of coordinates or a non-finite one is dropped (both libraries keep only
   parts of even length >= 6); an annotation left without a valid part, or
-  without a segmentation, or with an RLE of another size than its image is
-  skipped (detectron2 skips it and counts it; mmdetection crashes in
-  pycocotools, mmdetection#7776). One warning per kind counts them and names
-  annotation and image ids. Evaluation uses the cleaned file as ground
-  truth, so pycocotools' COCOeval does not crash on it either.
+  without a segmentation, or with an RLE that cannot be decoded as its
+  image's mask (another size; counts, compressed or not, that are not a
+  valid COCO RLE string, hold a negative run or do not sum to h * w:
+  ``rle_problem``) is skipped, never decoded (detectron2 skips it and
+  counts it; mmdetection crashes in pycocotools, mmdetection#7776, or
+  trains on a mask pycocotools decodes from uninitialised memory). One
+  warning per kind counts them and names annotation and image ids.
+  Evaluation uses the cleaned file as ground truth, so pycocotools'
+  COCOeval does not crash on it either.
+- A category without a ``name`` is named from the config
+  (``fill_category_names``) with a warning; neither training nor
+  evaluation needs the name.
 - A missing ``area`` is computed from the mask with pycocotools
   (``mask.area``, as ``COCO.loadRes`` computes it for results); mmdetection
   raises ``KeyError: 'area'`` (mmdetection#4436). A missing ``iscrowd`` is
@@ -48,8 +55,11 @@ handle it where they agree, and refused where they crash late:
   mmdetection ignores them, with a counted warning (detectron2 raises).
 - Refused before any work, with one ``CocoFormatError`` naming the file
   and ids: an unreadable file, an empty image list, an image or annotation
-  entry without its required keys, a training split without a usable
-  annotation, missing image files, and files whose decoded size (EXIF
+  entry without its required keys, an image height or width below 1, an
+  image id used by two images (naming both files: pycocotools would pair
+  one image's annotations with the other's pixels) or an annotation id used
+  twice, a training split without a usable annotation, missing, empty (0
+  bytes) or unrecognised image files, and files whose decoded size (EXIF
   orientation applied, as OpenCV and mmcv decode them) is not the
   annotated width/height (detectron2's ``SizeMismatchError``, which it
   raises only when the image is loaded).
@@ -154,18 +164,88 @@ def _valid_polygon_part(part: Any) -> bool:
     return False
 
 
-def _valid_rle(seg: Mapping[str, Any], height: int, width: int) -> bool:
-  """An RLE of the image's size (uncompressed counts must cover it)."""
+def rle_string_counts(counts: str | bytes) -> np.ndarray | None:
+  """The run lengths of a compressed COCO RLE string, or None if invalid.
+
+  pycocotools' ``rleFrString`` (maskApi.c): each run is a little-endian
+  base-32 number, 5 bits per character ``chr(48 + bits)`` with 0x20 set on
+  every character but its last and 0x10 of the last one its sign; from the
+  fourth run on, a run is stored as its difference to the run two before.
+  ``rleFrString`` accepts any string (it reads past the end of one that
+  stops mid-number), so a string is valid here only when every character
+  is in ``'0'..'o'``, the last one ends a number and no number has more
+  than 6 characters (30 bits: |value| < 2**29, where pycocotools' int
+  arithmetic is exact; images up to 536M pixels).
+
+  Args:
+    counts: the ``counts`` of a compressed RLE (ASCII).
+
+  Returns:
+    ``(R,)`` int64 run lengths (may be negative: the caller checks), or None
+    when the string is not a COCO RLE string (or a run reaches 2**32).
+  """
+  if isinstance(counts, str):
+    try:
+      counts = counts.encode('ascii')
+    except UnicodeEncodeError:
+      return None
+  c = np.frombuffer(counts, np.uint8).astype(np.int64) - 48
+  if not len(c) or c.min() < 0 or c.max() > 63 or c[-1] & 0x20:
+    return None
+  ends = np.flatnonzero((c & 0x20) == 0)
+  starts = np.concatenate([[0], ends[:-1] + 1])
+  digits = ends - starts + 1
+  if digits.max() > 6:  # pycocotools' int shifts overflow past 30 bits
+    return None
+  k = np.arange(len(c)) - np.repeat(starts, digits)
+  x = np.add.reduceat((c & 0x1f) << (5 * k), starts)
+  x = np.where(c[ends] & 0x10, x - (np.int64(1) << (5 * digits)), x)
+  runs = x.copy()
+  runs[1::2] = np.cumsum(x[1::2])  # run m > 2 adds run m - 2
+  runs[2::2] = np.cumsum(x[2::2])
+  if runs.max() >= 2**32:
+    return None
+  return runs
+
+
+def rle_problem(seg: Mapping[str, Any], height: int, width: int
+                ) -> str | None:
+  """Why an RLE segmentation cannot be decoded as a ``(height, width)``
+  mask, or None when it can.
+
+  An RLE must have the image's ``size`` [h, w] and ``counts`` (a list of
+  ints, or a compressed string, see ``rle_string_counts``) of non-negative
+  runs that sum to h * w. pycocotools decodes shorter counts from
+  uninitialised memory and writes longer ones past its buffer; it never
+  checks them.
+  """
   try:
-    if [int(v) for v in seg['size']] != [height, width]:
-      return False
+    size = [int(v) for v in seg['size']]
   except (KeyError, TypeError, ValueError):
-    return False
+    return f'RLE without a [height, width] "size" ({seg.get("size")!r:.40})'
+  if size != [height, width]:
+    return f'RLE not of the image size {[height, width]} (size {size})'
   counts = seg.get('counts')
   if isinstance(counts, list):
-    return all(isinstance(c, int) and c >= 0 for c in counts) and (
-        sum(counts) == height * width)
-  return isinstance(counts, (str, bytes))
+    if not all(isinstance(v, int) and not isinstance(v, bool)
+               for v in counts):
+      return 'RLE counts with a value that is not an integer'
+    runs = counts
+  elif isinstance(counts, (str, bytes)):
+    runs = rle_string_counts(counts)
+    if runs is None:
+      return (f'RLE counts {counts!r:.40} not a valid COCO RLE string '
+              '(pycocotools mask.encode)')
+  else:
+    return f'RLE counts of type {type(counts).__name__}'
+  runs = np.asarray(runs, np.int64)
+  if len(runs) and runs.min() < 0:
+    return 'RLE counts with a negative run length'
+  total = int(runs.sum())
+  if total != height * width:
+    return (f'RLE counts summing to {total}, not height x width = '
+            f'{height * width}')
+  return None
 
 
 def clean_segmentation(seg: Any, height: int, width: int
@@ -181,12 +261,12 @@ def clean_segmentation(seg: Any, height: int, width: int
     ``(segmentation, parts dropped)``: polygons keep only their parts with
     at least 3 points, an even count and finite numbers; the segmentation
     is None when nothing valid is left, or when it is missing, of another
-    type, or an RLE of another size.
+    type, or an RLE that ``rle_problem`` refuses (never decoded).
   """
   if isinstance(seg, list):
     parts = [p for p in seg if _valid_polygon_part(p)]
     return (parts or None), len(seg) - len(parts)
-  if isinstance(seg, Mapping) and _valid_rle(seg, height, width):
+  if isinstance(seg, Mapping) and rle_problem(seg, height, width) is None:
     return seg, 0
   return None, 0
 
@@ -214,15 +294,27 @@ def clean_dataset(dataset: Any, ann_file: str) -> dict[str, Any]:
                           'no "images" list')
   if not dataset['images']:
     raise CocoFormatError(f'{ann_file} lists no images ("images": [])')
-  sizes = {}
+  sizes, file_names = {}, {}
   for i, img in enumerate(dataset['images']):
     try:
-      sizes[img['id']] = (int(img['height']), int(img['width']))
-      str(img['file_name'])
+      hw = (int(img['height']), int(img['width']))
+      name = str(img['file_name'])
+      img_id = img['id']
+      hash(img_id)
     except (KeyError, TypeError, ValueError) as e:
       raise CocoFormatError(
           f'{ann_file}: image entry {i} ({img!r:.120}) needs an id, a '
           f'file_name and integer height and width ({e!r})') from e
+    if min(hw) < 1:
+      raise CocoFormatError(
+          f'{ann_file}: image {img_id} ({name}) has height x width '
+          f'{hw[0]}x{hw[1]}; both must be at least 1')
+    if img_id in sizes:
+      raise CocoFormatError(
+          f'{ann_file}: image id {img_id!r} is used twice, by '
+          f'{file_names[img_id]} and by {name}; every image needs its own '
+          'id (annotations are paired with images by id)')
+    sizes[img_id], file_names[img_id] = hw, name
   cat_ids = set()
   for c in dataset.setdefault('categories', []):
     if not isinstance(c, Mapping) or 'id' not in c:
@@ -231,6 +323,7 @@ def clean_dataset(dataset: Any, ann_file: str) -> dict[str, Any]:
     cat_ids.add(c['id'])
   kept, bad_parts, skipped, no_area, unknown_cat = [], [], [], [], []
   num_bad_parts = 0
+  first_entry = {}  # annotation id -> its entry index
   for i, ann in enumerate(dataset.setdefault('annotations', [])):
     missing = [k for k in ('id', 'image_id', 'category_id', 'bbox')
                if not isinstance(ann, Mapping) or k not in ann]
@@ -238,6 +331,17 @@ def clean_dataset(dataset: Any, ann_file: str) -> dict[str, Any]:
       raise CocoFormatError(
           f'{ann_file}: annotation entry {i} ({ann!r:.120}) has no '
           f'{", ".join(missing)}')
+    try:
+      j = first_entry.setdefault(ann['id'], i)
+    except TypeError as e:  # unhashable
+      raise CocoFormatError(f'{ann_file}: annotation entry {i} has id '
+                            f'{ann["id"]!r:.60}; expected an integer') from e
+    if j != i:
+      other = dataset['annotations'][j]
+      raise CocoFormatError(
+          f'{ann_file}: annotation id {ann["id"]!r} is used twice (entries '
+          f'{j} and {i}, on images {other["image_id"]!r} and '
+          f'{ann["image_id"]!r}); every annotation needs its own id')
     where = f'annotation {ann["id"]} (image {ann["image_id"]})'
     bbox = ann['bbox']
     if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and
@@ -255,7 +359,7 @@ def clean_dataset(dataset: Any, ann_file: str) -> dict[str, Any]:
       skipped.append(f'{where}: ' + (
           f'none of its {len(raw)} polygon part(s) valid'
           if isinstance(raw, list) and raw else
-          f'RLE not of the image size {list(hw)}'
+          rle_problem(raw, *hw)
           if isinstance(raw, Mapping) else 'no segmentation'))
       continue
     if n_bad:
@@ -279,8 +383,10 @@ def clean_dataset(dataset: Any, ann_file: str) -> dict[str, Any]:
         _listing(bad_parts))
   if skipped:
     logger.warning(
-        '%s: skipped %d annotation(s) without a valid segmentation %s: %s',
-        ann_file, len(skipped), invalid, _listing(skipped))
+        '%s: skipped %d annotation(s) without a valid segmentation%s: %s',
+        ann_file, len(skipped),
+        ' ' + invalid if any('polygon' in k for k in skipped) else '',
+        _listing(skipped))
   if no_area:
     logger.warning(
         '%s: %d annotation(s) have no "area"; computed it from the mask '
@@ -341,11 +447,14 @@ def check_trainable(records: Sequence[Any], coco, where: str,
 
 def check_image_files(records: Sequence[Mapping[str, Any]],
                       ann_file: str) -> None:
-  """Refuses missing image files and files that decode to another size.
+  """Refuses missing, empty and unrecognised image files, and files that
+  decode to another size.
 
-  Reads only file headers (``image_io.displayed_size``): 0.04 (PNG) to 0.1
+  Reads only file sizes and headers (``image_io.displayed_size``, else
+  OpenCV's signature check ``cv2.haveImageReader``): 0.04 (PNG) to 0.1
   (JPEG) ms of CPU per image, about 12 s for COCO train2017
-  (BENCHMARKS.md).
+  (BENCHMARKS.md). A file whose header is valid but whose data is corrupt
+  or truncated is found when it is decoded (``data.pipeline`` skips it).
 
   Args:
     records: dicts with ``image_id``, ``path``, ``height`` and ``width``.
@@ -354,24 +463,66 @@ def check_image_files(records: Sequence[Mapping[str, Any]],
   Raises:
     CocoFormatError: naming the files and image ids.
   """
-  missing = [f'{r["path"]} (image {r["image_id"]})' for r in records
-             if not os.path.isfile(r['path'])]
+  import cv2  # pylint: disable=g-import-not-at-top
+  named = lambda r: f'{r["path"]} (image {r["image_id"]})'
+  missing = [named(r) for r in records if not os.path.isfile(r['path'])]
   if missing:
     raise CocoFormatError(
         f'{len(missing)} of the {len(records)} image files of {ann_file} are '
         f'missing: {_listing(missing)}')
-  wrong = []
+  empty = [named(r) for r in records if os.path.getsize(r['path']) == 0]
+  if empty:
+    raise CocoFormatError(
+        f'{len(empty)} of the {len(records)} image files of {ann_file} are '
+        f'empty (0 bytes): {_listing(empty)}')
+  wrong, unknown = [], []
   for r in records:
     size = image_io.displayed_size(r['path'])
     expected = (int(r['height']), int(r['width']))
-    if size is not None and size[0] != expected:
-      wrong.append(image_io.size_mismatch_message(
-          f'{r["path"]} (image {r["image_id"]})', expected, *size))
+    if size is None and not cv2.haveImageReader(r['path']):
+      unknown.append(named(r))
+    elif size is not None and size[0] != expected:
+      wrong.append(image_io.size_mismatch_message(named(r), expected, *size))
+  if unknown:
+    raise CocoFormatError(
+        f'{len(unknown)} of the {len(records)} image files of {ann_file} are '
+        f'not in an image format OpenCV can read: {_listing(unknown)}')
   if wrong:
     more = f' (and {len(wrong) - 3} more)' if len(wrong) > 3 else ''
     raise CocoFormatError(
         f'{len(wrong)} image(s) of {ann_file} do not have their annotated '
         f'size: {"; ".join(wrong[:3])}{more}')
+
+
+def fill_category_names(coco, names: Mapping[int, str] | None,
+                        where: str) -> tuple[str, ...]:
+  """The names of a COCO's categories in label (sorted id) order.
+
+  A category without a ``name`` (neither training nor evaluation needs
+  one) is named ``names[id]`` (the config's ``data.category_ids`` ->
+  ``data.class_names``), else ``'category <id>'``; the name is written into
+  ``coco.cats`` and one warning lists what was filled in.
+
+  Args:
+    coco: a pycocotools ``COCO`` (its ``cats`` are completed in place).
+    names: fallback names by category id, or None.
+    where: the annotation file, for the warning.
+
+  Returns:
+    ``(C,)`` names, C = the number of categories.
+  """
+  filled = []
+  for cat_id in sorted(coco.cats):
+    cat = coco.cats[cat_id]
+    if not isinstance(cat.get('name'), str) or not cat['name']:
+      cat['name'] = str((names or {}).get(cat_id) or f'category {cat_id}')
+      filled.append(f'{cat_id}: {cat["name"]!r}')
+  if filled:
+    logger.warning(
+        '%s: %d categor%s without a "name"; named from the config\'s '
+        "data.class_names (or 'category <id>'): %s", where, len(filled),
+        'y' if len(filled) == 1 else 'ies', _listing(filled))
+  return tuple(coco.cats[c]['name'] for c in sorted(coco.cats))
 
 
 def decode_masks(record: Mapping[str, Any]) -> np.ndarray:
@@ -395,6 +546,8 @@ class CocoSource:
       images in ``<coco_dir>/<split>/``).
     train: skip images without usable annotations or below ``min_size``.
     min_size: minimum shorter image side for training (mmdetection 32).
+    category_names: names by category id for categories without a
+      ``name`` (``fill_category_names``); default ``'category <id>'``.
 
   Attributes:
     records: list of record dicts (see module docstring).
@@ -411,7 +564,8 @@ class CocoSource:
   """
 
   def __init__(self, coco_dir: str, split: str, train: bool,
-               min_size: int = 32):
+               min_size: int = 32,
+               category_names: Mapping[int, str] | None = None):
     if not coco_dir or not os.path.isdir(coco_dir):
       raise CocoFormatError(f'COCO directory not found: {coco_dir!r}')
     self.ann_file = annotation_file(coco_dir, split)
@@ -422,8 +576,8 @@ class CocoSource:
     self.split = split
     self.train = train
     self.cat_ids = tuple(sorted(self.coco.getCatIds()))
-    cats = self.coco.loadCats(list(self.cat_ids))
-    self.class_names = tuple(c['name'] for c in cats)
+    self.class_names = fill_category_names(self.coco, category_names,
+                                           self.ann_file)
     cat2label = {c: i for i, c in enumerate(self.cat_ids)}
     self.records = []
     self.num_skipped = 0

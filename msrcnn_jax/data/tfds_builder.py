@@ -114,7 +114,8 @@ def _builder_class():
           c = sorted(json.load(f)['categories'], key=lambda c: c['id'])
         cats = cats or c
       self.info.metadata['categories'] = [
-          dict(id=int(c['id']), name=c['name']) for c in cats]
+          dict(id=int(c['id']), name=c.get('name') or f'category {c["id"]}')
+          for c in cats]
       return {s: self._generate_examples(manual_dir, s) for s in splits}
 
     def _generate_examples(self, manual_dir, split):
