@@ -214,6 +214,11 @@ def ms_rcnn_config(*,
   d.category_ids = COCO_CATEGORY_IDS
   d.class_names = COCO_CLASSES
   d.min_size = 32             # training images with a shorter side are skipped
+  # An image file that fails to decode mid-run (corrupt or truncated) is
+  # skipped with a warning (training: replaced by the next image of its
+  # bucket; evaluation: not evaluated); the run stops with an error once
+  # more than this share of the split's images were bad (0 <= x <= 1).
+  d.max_bad_image_fraction = 0.01
   # The synthetic dataset's categories (ids 1..num_classes) define its classes.
   d.synthetic = dict(num_train=2000, num_val=100, image_size=(128, 128),
                      max_objects=4, num_classes=3, seed=0, cache=False)
@@ -337,6 +342,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _refuse(d.source not in ('coco', 'tfds', 'synthetic'),
           f"data.source must be 'coco', 'tfds' or 'synthetic', got "
           f'{d.source!r}')
+  _refuse(not 0 <= d.max_bad_image_fraction <= 1,
+          'data.max_bad_image_fraction must be in [0, 1], got '
+          f'{d.max_bad_image_fraction!r}')
   _refuse(bool(d.coco_dir) and d.source != 'coco',
           f'data.coco_dir={d.coco_dir!r} does not apply with '
           f"data.source={d.source!r} (set data.source='coco')")

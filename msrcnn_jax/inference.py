@@ -260,7 +260,7 @@ class Predictor:
     try:
       for i, path in enumerate(paths):
         item = transforms.preprocess_test(image_io.imread(path),
-                                          self.config.data)
+                                          self.config.data, path)
         item['image_id'] = i
         item['file_name'] = os.path.basename(path)
         bucket = tuple(transforms.choose_bucket(item['pad_shape'],

@@ -32,6 +32,44 @@ class ImageReadError(UserError, IOError):
   """A file (or byte string) that could not be decoded as an image."""
 
 
+class CorruptImageError(ImageReadError):
+  """Content of a known image format that does not decode completely."""
+
+
+# Signatures of the formats OpenCV decodes (imgcodecs' own checks).
+_SIGNATURES = ((b'\xff\xd8\xff', 'JPEG'), (b'\x89PNG\r\n\x1a\n', 'PNG'),
+               (b'BM', 'BMP'), (b'II*\x00', 'TIFF'), (b'MM\x00*', 'TIFF'),
+               (b'RIFF', 'WebP'))
+
+
+def image_format(content: bytes) -> str | None:
+  """'JPEG', 'PNG', 'BMP', 'TIFF' or 'WebP' from the first bytes, or None."""
+  for magic, name in _SIGNATURES:
+    if content[:len(magic)] == magic:
+      return name
+  return None
+
+
+def truncation(content: bytes) -> str | None:
+  """Why a JPEG or PNG file's content is incomplete, or None.
+
+  Some OpenCV builds decode a truncated JPEG into a partly grey image with
+  only a libjpeg warning on stderr. A complete JPEG has an EOI marker
+  (FFD9) after its last scan (SOS, FFDA; neither occurs inside
+  entropy-coded data), a complete PNG an IEND chunk after its last IDAT
+  chunk. Other formats are left to the decoder.
+  """
+  fmt = image_format(content)
+  if fmt == 'JPEG':
+    sos = content.rfind(b'\xff\xda')
+    if sos < 0 or content.find(b'\xff\xd9', sos) < 0:
+      return 'a JPEG without its end-of-image marker after the last scan'
+  elif fmt == 'PNG':
+    if content.rfind(b'IEND') < max(content.rfind(b'IDAT'), 8):
+      return 'a PNG without its IEND chunk after the image data'
+  return None
+
+
 def imfrombytes(content: bytes, name: str = '<bytes>') -> np.ndarray:
   """Decodes encoded image bytes (PNG, JPEG, ...) as cv2 ``IMREAD_COLOR``.
 
@@ -43,19 +81,31 @@ def imfrombytes(content: bytes, name: str = '<bytes>') -> np.ndarray:
     ``(H, W, 3)`` uint8 BGR image, C-contiguous.
 
   Raises:
-    ImageReadError: empty content or content cv2 cannot decode.
+    CorruptImageError: content of a known format (``image_format``) that
+      cv2 cannot decode, or a truncated JPEG/PNG (``truncation``) that it
+      would decode only partly; the message says "corrupt or truncated".
+    ImageReadError: empty content or content of no format cv2 reads.
   """
   if content is None or len(content) == 0:
     raise ImageReadError(f'cannot decode image {name}: empty content')
+  content = bytes(content)
   buf = np.frombuffer(content, np.uint8)
   try:
     img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
   except cv2.error as e:  # pragma: no cover - cv2 normally returns None
-    raise ImageReadError(f'cannot decode image {name}: {e}') from e
-  if img is None:
+    img, error = None, f' ({e})'
+  else:
+    error = ''
+  fmt = image_format(content)
+  if img is None and fmt is None:
     raise ImageReadError(
         f'cannot decode image {name}: not an image format OpenCV can read '
-        f'({len(content)} bytes)')
+        f'({len(content)} bytes){error}')
+  cut = truncation(content)
+  if img is None or cut:
+    raise CorruptImageError(
+        f'cannot decode image {name}: corrupt or truncated {fmt} file '
+        f'({len(content)} bytes{"; " + cut if cut else ""}){error}')
   if img.ndim == 2:  # defensive; IMREAD_COLOR always returns 3 channels
     img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
   return np.ascontiguousarray(img)

@@ -21,6 +21,18 @@ chosen from the split's own size histogram (``buckets_from_sizes``).
 Decoding and transforms run on a thread pool of ``cfg.data.num_workers``
 threads (cv2 and pycocotools release the GIL for the heavy parts) with
 ``cfg.data.prefetch`` batches in flight.
+
+Bad images: ``build_source`` refuses, before any work, records whose
+annotated size resizes to a zero side (``check_image_sizes``); the sources
+refuse missing, empty and unrecognised files from their headers. A file
+that fails to decode when its batch comes (``image_io.ImageReadError``:
+corrupt or truncated data) is skipped with a warning naming it: in
+training the next image of the same bucket in index order that decodes
+takes its place (with its own flip draw), so batch shapes stay static and
+the data of a step still depends only on (seed, step, the files); in
+evaluation the entry becomes padding (``valid`` False) and the image is
+not evaluated. A run stops with one ``UserError`` once more than
+``cfg.data.max_bad_image_fraction`` of the split's images were bad.
 """
 
 from __future__ import annotations
@@ -53,6 +65,10 @@ def build_source(cfg, train: bool, split: str | None = None):
     cfg: the full config.
     train: the training split (filtered) or the evaluation split (all).
     split: overrides cfg.data.train_split / val_split.
+
+  Raises:
+    UserError: what the source refuses, and records whose size resizes to
+      a zero side (``check_image_sizes``).
   """
   d = cfg.data
   split = split or (d.train_split if train else d.val_split)
@@ -64,15 +80,62 @@ def build_source(cfg, train: bool, split: str | None = None):
   # mmdetection's _filter_imgs(min_size=32) for training images.
   min_size = int(d.get('min_size', 32))
   if d.source == 'coco':
-    return coco_lib.CocoSource(d.coco_dir, split, train, min_size=min_size)
-  if d.source == 'tfds':
+    source = coco_lib.CocoSource(
+        d.coco_dir, split, train, min_size=min_size,
+        category_names=dict(zip(d.category_ids, d.class_names)))
+  elif d.source == 'tfds':
     from msrcnn_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
-    return tfds_builder.TfdsSource(d.tfds_data_dir, split, train,
-                                   name=d.get('tfds_name',
-                                              'coco_instance_masks'),
-                                   min_size=min_size)
-  raise ConfigError(f'unknown config.data.source {d.source!r}; expected '
-                    'coco, tfds or synthetic')
+    source = tfds_builder.TfdsSource(d.tfds_data_dir, split, train,
+                                     name=d.get('tfds_name',
+                                                'coco_instance_masks'),
+                                     min_size=min_size)
+  else:
+    raise ConfigError(f'unknown config.data.source {d.source!r}; expected '
+                      'coco, tfds or synthetic')
+  check_image_sizes(source, d, f'split {split!r}')
+  return source
+
+
+def record_name(rec) -> str:
+  """``'<path or file name> (image <id>)'``: a record in messages."""
+  return (f'{rec.get("path") or rec.get("file_name")} '
+          f'(image {rec.get("image_id")})')
+
+
+def check_image_sizes(source, data_cfg, where: str = 'the data') -> None:
+  """Refuses records whose annotated size resizes to a zero side.
+
+  Such an image (e.g. 3000x4 or 1x500 with a small ``data.img_scale``)
+  would stop the run in cv2.resize when its batch comes; its size is known
+  from the annotations, so it is refused before any work.
+
+  Args:
+    source: records with ``height`` / ``width`` (``image_sizes``).
+    data_cfg: ``cfg.data`` (img_scale).
+    where: the split, for the message.
+
+  Raises:
+    transforms.DegenerateImageError: naming the first image (file and id)
+      and how many there are.
+  """
+  sizes = image_sizes(source)
+  bad = []
+  for i, (h, w) in enumerate(sizes.tolist()):
+    try:
+      transforms.checked_rescale_size(w, h, data_cfg.img_scale)
+    except transforms.DegenerateImageError:
+      bad.append(i)
+  if bad:
+    first = source[bad[0]]
+    try:
+      transforms.checked_rescale_size(int(first['width']),
+                                      int(first['height']),
+                                      data_cfg.img_scale, record_name(first))
+    except transforms.DegenerateImageError as e:
+      more = (f' (and {len(bad) - 1} more image(s) of {where}: '
+              f'{", ".join(record_name(source[i]) for i in bad[1:4])}'
+              f'{" ..." if len(bad) > 4 else ""})' if len(bad) > 1 else '')
+      raise transforms.DegenerateImageError(f'{e}{more}') from None
 
 
 def image_sizes(source) -> np.ndarray:
@@ -223,8 +286,7 @@ def _load_image(rec) -> np.ndarray:
   expected = (int(rec['height']), int(rec['width']))
   if img.shape[:2] != expected:  # sources check headers; this is the rest
     raise image_io.ImageReadError(image_io.size_mismatch_message(
-        f'{rec.get("path") or rec.get("file_name")} (image '
-        f'{rec.get("image_id")})', expected, img.shape[:2]))
+        record_name(rec), expected, img.shape[:2]))
   return img
 
 
@@ -233,14 +295,83 @@ def train_example(rec, data_cfg, flip: bool, bucket_hw):
   img = _load_image(rec)
   return transforms.train_transform(
       img, rec['boxes'], rec['labels'],
-      lambda: coco_lib.decode_masks(rec), data_cfg, flip, bucket_hw)
+      lambda: coco_lib.decode_masks(rec), data_cfg, flip, bucket_hw,
+      name=record_name(rec))
 
 
-def eval_example(rec, data_cfg, bucket_hw) -> dict[str, np.ndarray]:
-  """One evaluation example: ``transforms.test_transform`` + image_id."""
-  ex = transforms.test_transform(_load_image(rec), data_cfg, bucket_hw)
+def eval_example(rec, data_cfg, bucket_hw,
+                 image: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  """One evaluation example: ``transforms.test_transform`` + image_id.
+
+  Args:
+    image: ``(H, W, 3)`` uint8 pixels to use instead of the record's file
+      (the black stand-in of an image that failed to decode).
+  """
+  ex = transforms.test_transform(
+      _load_image(rec) if image is None else image, data_cfg, bucket_hw,
+      name=record_name(rec))
   ex['image_id'] = np.int64(rec['image_id'])
   return ex
+
+
+class BadImageBudget:
+  """Counts the images that failed to decode mid-run and when to stop.
+
+  Args:
+    source: the split's records (for names and its size).
+    fraction: ``cfg.data.max_bad_image_fraction``: the run stops once more
+      than ``fraction * len(source)`` distinct images were bad.
+    what: 'training' or 'evaluation', for the messages.
+
+  Attributes:
+    bad: ``{record index: error message}`` of the images found bad so far.
+  """
+
+  def __init__(self, source, fraction: float, what: str):
+    self.source = source
+    self.fraction = float(fraction)
+    self.what = what
+    self.bad: dict[int, str] = {}
+    self.read: set[int] = set()
+
+  def add(self, read: Sequence[int],
+          bad: Sequence[tuple[int, str, int | None]]) -> None:
+    """Counts one batch's reads; warns about each newly bad image.
+
+    Args:
+      read: record indices decoded.
+      bad: ``(record index, error message, index of the record that took
+        its place or None)`` of the images that failed.
+
+    Raises:
+      UserError: more than the allowed share of images were bad.
+    """
+    self.read.update(int(i) for i in read)
+    for i, message, other in bad:
+      if i in self.bad:
+        continue
+      self.bad[i] = message
+      self.read.add(i)
+      n = len(self.bad)
+      if n <= 10 or n & (n - 1) == 0:  # then at powers of two
+        logger.warning(
+            '%s: skipped image %s: %s; %s (%d bad image(s) so far; the run '
+            'stops at more than data.max_bad_image_fraction=%g of the %d '
+            'images)', self.what, self.source[i].get('image_id'), message,
+            f'{record_name(self.source[other])} takes its place'
+            if other is not None else 'it is not evaluated', n,
+            self.fraction, len(self.source))
+    if len(self.bad) > self.fraction * len(self.source):
+      names = [record_name(self.source[i]) for i in sorted(self.bad)]
+      raise UserError(
+          f'{len(self.bad)} of the {len(self.read)} images read so far in '
+          f'{self.what} are corrupt or truncated ({", ".join(names[:3])}'
+          f'{" ..." if len(names) > 3 else ""}); '
+          f'data.max_bad_image_fraction={self.fraction:g} allows '
+          f'{int(self.fraction * len(self.source))} of the '
+          f'{len(self.source)} images. First: {self.bad[min(self.bad)]}. '
+          'Replace the files or remove them from the annotations, or raise '
+          'data.max_bad_image_fraction')
 
 
 def _stack(examples: Sequence[dict[str, Any]], keys) -> dict[str, np.ndarray]:
@@ -381,6 +512,14 @@ class TrainIterator:
     self.truncated_images = 0
     self._truncated: set[int] = set()  # record indices
     self._warned = 0
+    # Replacements of images that fail to decode: the bucket's members in
+    # index order; files known bad are not read again (they would fail
+    # again: skipping them changes no batch).
+    self._members = {b: np.nonzero(self.plan.bucket_ids == b)[0]
+                     for b in self.plan.buckets}
+    self._known_bad: dict[int, str] = {}  # record index -> error
+    self.bad_images = BadImageBudget(
+        source, cfg.data.get('max_bad_image_fraction', 0.0), 'training')
     self._prefetch = _Prefetcher(
         self._jobs, self.step, None, int(cfg.data.get('num_workers', 0)),
         int(cfg.data.get('prefetch', 1)))
@@ -391,24 +530,53 @@ class TrainIterator:
     lo = self.process_index * self.batch_size
     return epoch, b, idx[lo:lo + self.batch_size]
 
+  def _candidates(self, b: int, i: int) -> Iterator[int]:
+    """Record ``i``, then the other members of bucket ``b`` in index order
+    after it (wrapping)."""
+    yield i
+    members = self._members[b]
+    start = int(np.searchsorted(members, i))
+    yield from (int(j) for j in members[start + 1:])
+    yield from (int(j) for j in members[:start])
+
+  def _example(self, epoch: int, b: int, i: int):
+    """``(record index used, (example, truncated), [(bad index, error)])``:
+    record ``i``, or when its file fails to decode the next member of
+    bucket ``b`` that decodes (``_candidates``)."""
+    ratio = float(self.data_cfg.flip_ratio)
+    bad = []
+    for j in self._candidates(b, i):
+      message = self._known_bad.get(j)
+      if message is None:
+        try:
+          out = train_example(self.source[j], self.data_cfg,
+                              flip_decision(self.seed, epoch, j, ratio),
+                              self.buckets[b])
+        except image_io.ImageReadError as e:
+          message = self._known_bad.setdefault(j, str(e))
+        else:
+          return j, out, bad
+      bad.append((j, message))
+    raise UserError(
+        f'no image of training bucket {self.buckets[b]} decodes: '
+        f'{"; ".join(m for _, m in bad[:3])}')
+
   def _jobs(self, step: int):
     epoch, b, mine = self._mine(step)
-    ratio = float(self.data_cfg.flip_ratio)
-    return [
-        (lambda i=int(i): train_example(
-            self.source[i], self.data_cfg,
-            flip_decision(self.seed, epoch, i, ratio), self.buckets[b]))
-        for i in mine]
+    return [lambda i=int(i): self._example(epoch, b, i) for i in mine]
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    results = self._prefetch.next_results()
-    _, _, mine = self._mine(self.step)
-    self.last_record_indices = mine
+    jobs = self._prefetch.next_results()
+    used = np.array([j for j, _, _ in jobs], np.int64)
+    results = [out for _, out, _ in jobs]
+    self.bad_images.add(used.tolist(), [(k, message, j) for j, _, bad in jobs
+                                        for k, message in bad])
+    self.last_record_indices = used
     self.step += 1
-    new = {int(i) for i, (_, t) in zip(mine, results) if t} - self._truncated
+    new = {int(i) for i, (_, t) in zip(used, results) if t} - self._truncated
     if new:
       self._truncated |= new
       self.truncated_images = len(self._truncated)
@@ -505,6 +673,8 @@ class EvalIterator:
     self.plan = eval_plan(ids, self.batch_size * process_count)
     self.num_steps = len(self.plan)
     self.num_images = len(ids)
+    self.bad_images = BadImageBudget(
+        source, cfg.data.get('max_bad_image_fraction', 0.0), 'evaluation')
     self._prefetch = _Prefetcher(
         self._jobs, 0, self.num_steps, int(cfg.data.get('num_workers', 0)),
         int(cfg.data.get('prefetch', 1)))
@@ -519,9 +689,17 @@ class EvalIterator:
       j = int(i) if real else first
 
       def job(j=j, real=real):
-        ex = eval_example(self.source[j], self.data_cfg, self.buckets[b])
+        rec = self.source[j]
+        try:
+          ex, bad = eval_example(rec, self.data_cfg, self.buckets[b]), []
+        except image_io.ImageReadError as e:
+          # A black stand-in of the same size: padding, not evaluated.
+          ex = eval_example(rec, self.data_cfg, self.buckets[b],
+                            image=np.zeros((int(rec['height']),
+                                            int(rec['width']), 3), np.uint8))
+          bad, real = [(j, str(e), None)], False
         ex['valid'] = np.bool_(real)
-        return ex
+        return ex, j, bad
       jobs.append(job)
     return jobs
 
@@ -532,7 +710,10 @@ class EvalIterator:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    return _stack(self._prefetch.next_results(), EVAL_KEYS)
+    jobs = self._prefetch.next_results()
+    self.bad_images.add([j for _, j, _ in jobs],
+                        [x for _, _, bad in jobs for x in bad])
+    return _stack([ex for ex, _, _ in jobs], EVAL_KEYS)
 
   def close(self):
     self._prefetch.close()

@@ -21,7 +21,12 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 
-from msrcnn_jax.errors import ConfigError
+from msrcnn_jax.errors import ConfigError, UserError
+
+
+class DegenerateImageError(UserError, ValueError):
+  """An image whose keep-ratio resize to ``data.img_scale`` has a zero side
+  (an extreme aspect ratio such as 3000x4), which cv2.resize refuses."""
 
 
 # --------------------------------------------------------------- geometry
@@ -38,6 +43,33 @@ def rescale_size(w: int, h: int,
   long_edge, short_edge = max(scale), min(scale)
   s = min(long_edge / max(h, w), short_edge / min(h, w))
   return int(w * float(s) + 0.5), int(h * float(s) + 0.5)
+
+
+def checked_rescale_size(w: int, h: int, scale: Sequence[float],
+                         name: str = 'an image') -> tuple[int, int]:
+  """``rescale_size``, refusing sizes it maps to a zero side.
+
+  Args:
+    w, h: the original width and height.
+    scale: ``data.img_scale`` (long, short) edge limits.
+    name: the image (file and id) for the message.
+
+  Returns:
+    ``(new_w, new_h)``, both >= 1.
+
+  Raises:
+    DegenerateImageError: ``w`` or ``h`` < 1, or a side that rescales to 0
+      pixels; the message names the image and both sizes.
+  """
+  if w < 1 or h < 1:
+    raise DegenerateImageError(f'{name} has width x height {w}x{h}')
+  new_w, new_h = rescale_size(w, h, scale)
+  if new_w < 1 or new_h < 1:
+    raise DegenerateImageError(
+        f'{name} (width x height {w}x{h}) resizes to {new_w}x{new_h} with '
+        f'data.img_scale={tuple(scale)} (keep ratio): its aspect ratio is '
+        'too extreme to detect anything in; remove or crop the image')
+  return new_w, new_h
 
 
 def scale_factor_of(w: int, h: int, new_w: int, new_h: int) -> np.ndarray:
@@ -120,20 +152,25 @@ def pad_image(img: np.ndarray, hw: Sequence[int]) -> np.ndarray:
   return out
 
 
-def preprocess_test(img_bgr: np.ndarray, data_cfg) -> dict[str, np.ndarray]:
+def preprocess_test(img_bgr: np.ndarray, data_cfg,
+                    name: str = 'an image') -> dict[str, np.ndarray]:
   """mmdetection's test pipeline: Resize, Normalize, Pad(32) (spec §1.3).
 
   Args:
     img_bgr: ``(H0, W0, 3)`` uint8 BGR as ``image_io.imread`` returns.
     data_cfg: ``cfg.data`` (img_scale, mean, std, to_rgb, size_divisor).
+    name: the image (its file) for error messages.
 
   Returns:
     dict: ``image (Hp, Wp, 3) float32`` normalised, zero padded to /32;
     ``img_shape``, ``pad_shape``, ``ori_shape`` ``(2,) int32 (h, w)``;
     ``scale_factor (4,) float32 (w_s, h_s, w_s, h_s)``.
+
+  Raises:
+    DegenerateImageError: the image resizes to a zero side.
   """
   h0, w0 = img_bgr.shape[:2]
-  new_w, new_h = rescale_size(w0, h0, data_cfg.img_scale)
+  new_w, new_h = checked_rescale_size(w0, h0, data_cfg.img_scale, name)
   img = resize_image(img_bgr, new_w, new_h)
   img = normalize(img, data_cfg.mean, data_cfg.std, data_cfg.to_rgb)
   pad = padded_size(new_h, new_w, data_cfg.size_divisor)
@@ -287,7 +324,8 @@ def train_transform(img_bgr: np.ndarray, boxes: np.ndarray,
                     labels: np.ndarray,
                     masks: np.ndarray | Callable[[], np.ndarray] | None,
                     data_cfg, flip: bool,
-                    bucket_hw: Sequence[int] | None = None
+                    bucket_hw: Sequence[int] | None = None,
+                    name: str = 'an image'
                     ) -> tuple[dict[str, np.ndarray], bool]:
   """mmdetection's train pipeline on one image + fixed-size ground truth.
 
@@ -306,6 +344,7 @@ def train_transform(img_bgr: np.ndarray, boxes: np.ndarray,
       buckets, max_instances, gt_mask_crop_size).
     flip: apply the horizontal flip.
     bucket_hw: output image size; default: ``choose_bucket``.
+    name: the image (file and id) for error messages.
 
   Returns:
     (example, truncated): example has ``image (H, W, 3) float32``,
@@ -314,9 +353,12 @@ def train_transform(img_bgr: np.ndarray, boxes: np.ndarray,
     ``gt_labels (G,) int32`` (padding 0), ``gt_valid (G,) bool``,
     ``gt_masks (G, M, M) uint8``; G = max_instances. ``truncated`` is True
     when the image had more than G instances (the first G are kept).
+
+  Raises:
+    DegenerateImageError: the image resizes to a zero side.
   """
   h0, w0 = img_bgr.shape[:2]
-  new_w, new_h = rescale_size(w0, h0, data_cfg.img_scale)
+  new_w, new_h = checked_rescale_size(w0, h0, data_cfg.img_scale, name)
   sf = scale_factor_of(w0, h0, new_w, new_h)
   pad = padded_size(new_h, new_w, data_cfg.size_divisor)
   if bucket_hw is None:
@@ -372,10 +414,10 @@ def train_transform(img_bgr: np.ndarray, boxes: np.ndarray,
 
 
 def test_transform(img_bgr: np.ndarray, data_cfg,
-                   bucket_hw: Sequence[int] | None = None
-                   ) -> dict[str, np.ndarray]:
+                   bucket_hw: Sequence[int] | None = None,
+                   name: str = 'an image') -> dict[str, np.ndarray]:
   """``preprocess_test`` with the image padded further to ``bucket_hw``."""
-  ex = preprocess_test(img_bgr, data_cfg)
+  ex = preprocess_test(img_bgr, data_cfg, name)
   if bucket_hw is None:
     bucket_hw = choose_bucket(ex['pad_shape'], data_cfg.buckets)
   ex['image'] = pad_image(ex['image'], bucket_hw)
