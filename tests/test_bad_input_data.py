@@ -211,6 +211,9 @@ def test_rle_neighbours_are_skipped_with_their_reason(tmp_path, caplog):
       15: (dict(size=[w, h], counts=good), 'RLE not of the image size'),
       16: (dict(counts=good), 'RLE without a [height, width] "size"'),
       17: (dict(size=size, counts=''), 'not a valid COCO RLE'),
+      18: (dict(size=size, counts=[h * w, 10**30]), 'beyond 64 bits'),
+      19: (dict(size=size, counts=good[:2] + 'oooooo0'),
+           'not a valid COCO RLE'),  # a 7-character number
   }
   anns = [_ann(1, dict(size=size, counts=good)),
           _ann(2, dict(size=size, counts=runs))]
@@ -228,7 +231,7 @@ def test_rle_neighbours_are_skipped_with_their_reason(tmp_path, caplog):
   for i, (_, reason) in list(bad.items())[:10]:
     start = msg.index(f'annotation {i} (image 1): ')
     assert reason in msg[start:msg.find('annotation', start + 5)], (i, msg)
-  assert 'and 5 more' in msg
+  assert f'and {len(bad) - 10} more' in msg
   for i, (seg, reason) in bad.items():
     problem = coco.rle_problem(seg, h, w)
     assert problem is not None and reason in problem, (i, problem)

@@ -238,7 +238,10 @@ def rle_problem(seg: Mapping[str, Any], height: int, width: int
               '(pycocotools mask.encode)')
   else:
     return f'RLE counts of type {type(counts).__name__}'
-  runs = np.asarray(runs, np.int64)
+  try:
+    runs = np.asarray(runs, np.int64)
+  except OverflowError:
+    return 'RLE counts with a run length beyond 64 bits'
   if len(runs) and runs.min() < 0:
     return 'RLE counts with a negative run length'
   total = int(runs.sum())
