@@ -488,7 +488,9 @@ class TrainIterator:
   Attributes:
     step: the step of the next batch.
     last_record_indices: ``(B,)`` source indices of the records in the
-      batch returned last (this host's slice of the global batch).
+      batch returned last (this host's slice of the global batch; an image
+      that failed to decode appears as the record that took its place).
+    bad_images: the ``BadImageBudget`` of the images that failed to decode.
     steps_per_epoch: global batches per epoch.
     truncated_images: distinct images seen so far with more than
       max_instances instances (only the first max_instances were kept);
@@ -659,7 +661,12 @@ def eval_plan(bucket_ids: np.ndarray, global_batch: int
 
 
 class EvalIterator:
-  """One pass over an evaluation source (see ``make_eval_iterator``)."""
+  """One pass over an evaluation source (see ``make_eval_iterator``).
+
+  Attributes:
+    bad_images: the ``BadImageBudget`` of the images that failed to decode
+      (each became a padding entry, ``valid`` False).
+  """
 
   def __init__(self, cfg, source, batch_size_per_host: int,
                process_index: int, process_count: int):
