@@ -421,7 +421,7 @@ _RANGES = {
 _LENGTHS = {
     'data.img_scale': 2, 'data.mean': 3, 'data.std': 3,
     'data.synthetic.image_size': 2, 'model.rpn_head.target_stds': 4,
-    'model.roi_head.bbox_head.target_stds': 4, 'data.buckets': None,
+    'model.roi_head.bbox_head.target_stds': 4,
     'model.neck.in_channels': None, 'model.rpn_head.anchor_scales': None,
     'model.rpn_head.anchor_ratios': None,
     'model.rpn_head.anchor_strides': None,

@@ -225,7 +225,12 @@ class Checkpointer:
     for step in reversed(steps):
       reason = self._damaged.get(step) or self.damage(step)
       if reason is None:
-        self._check_fits(step, template, config)
+        try:
+          saved = self._saved_shapes(step)
+        except Exception as e:  # pylint: disable=broad-except
+          reason = f'cannot be read: {_short(e)}'
+      if reason is None:
+        self._check_fits(step, saved, template, config)
         try:
           state = self.restore(step, template)
         except Exception as e:  # pylint: disable=broad-except
@@ -279,11 +284,11 @@ class Checkpointer:
       multihost_utils.sync_global_devices('msrcnn_damaged_moved')
     self._manager.reload()
 
-  def _check_fits(self, step: int, template: TrainState, config: Any) -> None:
-    """Raises RestoreMismatchError if checkpoint ``step``'s arrays are not
-    those of ``template``."""
+  def _check_fits(self, step: int, saved: Mapping[str, tuple[int, ...]],
+                  template: TrainState, config: Any) -> None:
+    """Raises RestoreMismatchError if checkpoint ``step``'s array shapes
+    (``saved``) are not those of ``template``."""
     expected = variables_lib.shapes(template.to_dict())
-    saved = self._saved_shapes(step)
     missing, unexpected, mis_shaped = variables_lib.compare(expected, saved)
     if not (missing or unexpected or mis_shaped):
       return
@@ -291,6 +296,10 @@ class Checkpointer:
                                          unexpected, mis_shaped)
     lines = [line.strip().replace('the model expects', 'the config makes')
              for line in lines]
+    # The model's variables first, the optimizer's moments of them last.
+    lines.sort(key=lambda line: (line.split(' ')[1].startswith('opt_state/'),
+                                 not line.split(' ')[1].startswith('params/'),
+                                 line.split(' ')[1]))
     keys = _config_differences(self.metadata(step).get('config'), config)
     report = os.path.join(os.path.dirname(self.directory),
                           f'restore_mismatch_step{step}.txt')
