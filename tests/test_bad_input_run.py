@@ -394,7 +394,7 @@ def test_restart_with_another_width_names_the_config_key(three_steps,
   assert message.startswith('checkpoint step 3 in ')
   assert ('config keys changed since the checkpoint: '
           'model.neck.out_channels: 256 in the checkpoint, 8 now') in message
-  assert 'train.max_steps: 3 in the checkpoint, 4 now' in message
+  assert ' (and 2 more);' in message   # train.max_steps, ..._every_steps
   report = os.path.join(workdir, 'restore_mismatch_step3.txt')
   # The first three of 6 (head and neck params, then their SGD traces).
   assert ('6 arrays differ, e.g. shape: params/head/kernel has (4, 2), the '
@@ -403,6 +403,7 @@ def test_restart_with_another_width_names_the_config_key(three_steps,
   with open(report) as f:
     lines = f.read().splitlines()
   assert 'model.neck.out_channels: 256 in the checkpoint, 8 now' in lines
+  assert 'train.max_steps: 3 in the checkpoint, 4 now' in lines
   shape_lines = [line for line in lines if line.startswith('shape: ')]
   assert len(shape_lines) == 6, lines
   assert shape_lines[-1].startswith(

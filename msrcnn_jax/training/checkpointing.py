@@ -3,10 +3,13 @@
 Layout: ``<workdir>/checkpoints/<step>/{state,metadata}``. 'state' holds the
 :class:`TrainState` as a dict (step, params, batch_stats, opt_state, rng as
 raw uint32 key data); 'metadata' is JSON (data position, config name, batch
-size, wall time). Saves are asynchronous (the arrays are copied off device,
-then written by a background thread while training goes on), atomic (orbax
-writes into a temporary directory and renames it when complete, so a crashed
-save never shows up as a checkpoint) and keep the newest ``keep``. Every
+size, wall time, the whole config). Saves are asynchronous (the arrays are
+copied off device, then written by a background thread while training goes
+on), atomic (on a local filesystem orbax writes
+``<step>.orbax-checkpoint-tmp-*`` and renames it to ``<step>`` when
+complete; on GCS a ``commit_success.txt`` marks a complete step; so a
+crashed save never shows up as a checkpoint, see
+``tests/test_training_checkpoint.py``) and keep the newest ``keep``. Every
 process must call :meth:`Checkpointer.save` (orbax coordinates hosts).
 
 A restart (:meth:`Checkpointer.restore_newest`) takes the newest intact
@@ -151,19 +154,19 @@ class Checkpointer:
     or not JSON, ``state/_METADATA`` missing, a data file that the state's
     OCDBT b-tree refers to missing or shorter than the bytes it refers to,
     the arrays' metadata unreadable."""
-    step_dir = os.path.join(self.directory, str(step))
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    step_dir = os.path.join(self.directory, str(step))   # also gs://...
     meta = os.path.join(step_dir, variables_lib.TRAIN_METADATA_ITEM,
                         variables_lib.TRAIN_METADATA_ITEM)
-    try:
-      with open(meta) as f:
-        json.load(f)
-    except FileNotFoundError:
+    if not epath.Path(meta).exists():
       return f'{_rel(meta, self.directory)} is missing'
+    try:
+      json.loads(epath.Path(meta).read_text())
     except (OSError, ValueError) as e:
       return f'{_rel(meta, self.directory)} is not JSON ({e})'
     item = os.path.join(step_dir, variables_lib.TRAIN_STATE_ITEM)
     tree = os.path.join(item, '_METADATA')
-    if not os.path.isfile(tree):
+    if not epath.Path(tree).exists():
       return f'{_rel(tree, self.directory)} is missing'
     # Before orbax reads anything: a missing data file makes its reads
     # fail on background threads, which print tracebacks.
@@ -311,10 +314,12 @@ class Checkpointer:
         f.writelines(f'{k}\n' for k in keys)
         f.writelines(f'{line}\n' for line in lines)
       where = f'; all {len(lines)} in {report}'
+    # The model's keys decide the arrays; the others are named in the file.
+    shown = [k for k in keys if k.startswith('model.')][:5] or keys[:5]
+    more = len(keys) - len(shown)
     if keys:
-      changed = (f'config keys changed since the checkpoint: '
-                 f'{"; ".join(keys[:5])}'
-                 f'{f" and {len(keys) - 5} more" if len(keys) > 5 else ""}')
+      changed = ('config keys changed since the checkpoint: ' +
+                 '; '.join(shown) + (f' (and {more} more)' if more else ''))
     elif config is None or self.metadata(step).get('config') is None:
       changed = "the checkpoint's metadata holds no config to compare"
     else:
@@ -323,7 +328,7 @@ class Checkpointer:
     raise RestoreMismatchError(
         f'checkpoint step {step} in {self.directory} does not fit the '
         f'config: {changed}; {len(lines)} arrays differ, e.g. '
-        f'{"; ".join(lines[:3])}{where}. Restore those config values, or '
+        f'{"; ".join(lines[:2])}{where}. Restore those config values, or '
         'pass another --workdir to start afresh')
 
   def metadata(self, step: int) -> dict[str, Any]:
