@@ -13,7 +13,9 @@
   ``state/_METADATA`` missing, metadata not JSON) beside intact older steps:
   the restart falls back to the newest intact step with a warning naming the
   step and the damage, keeps the damaged step as ``<step>.damaged`` (nothing
-  deleted) and trains on; damage that only the restore finds restarts the
+  deleted) and trains on; the same checks on the data files of arrays
+  stored outside the b-tree (over 1 KiB); damage that only the restore
+  finds restarts the
   data iterator at the older step's position; with no intact step, one
   ``CheckpointError``;
 - a restart whose config does not fit the checkpoint (a wider neck) names the
@@ -39,6 +41,7 @@ import sys
 
 import flax.linen as nn
 import importlib.util
+import numpy as np
 import pytest
 
 from msrcnn_jax import config as config_lib
@@ -318,6 +321,51 @@ def test_damaged_newest_checkpoint_falls_back(three_steps, tmp_path, kind,
   assert ck.all_steps()[-2:] == [3, 4]
   assert ck.metadata(3)['data_position'] == 3   # trained again from step 2
   assert ck.metadata(4)['data_position'] == 4
+  ck.close()
+
+
+def test_damage_of_large_arrays_data_files(tmp_path):
+  # Arrays over 1 KiB are stored outside the b-tree, in
+  # state/ocdbt.process_0/d/ (the stand-in's are all inline): a missing or
+  # truncated one of those is found without reading the arrays, and an
+  # unreferenced leftover file there is not damage.
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from msrcnn_jax.training.train_step import TrainState  # pylint: disable=g-import-not-at-top
+  noise = np.random.default_rng(0).normal(size=(2, 64, 64))  # incompressible
+  state = TrainState(
+      step=jnp.int32(7), params={'w': jnp.asarray(noise[0], jnp.float32),
+                                 'b': jnp.ones(3)},
+      batch_stats={}, opt_state={'mu': jnp.asarray(noise[1], jnp.float32)},
+      rng=jnp.zeros(2, jnp.uint32))
+  ck = checkpointing.Checkpointer(str(tmp_path / 'checkpoints'))
+  ck.save(state, {'data_position': 7}, wait=True)
+  assert ck.damage(7) is None
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+  item = str(tmp_path / 'checkpoints' / '7' / 'state')
+  base = ts.KvStore.open({'driver': 'file', 'path': item + '/'}).result()
+  root = ts.ocdbt.dump(base).result()['versions'][-1]['root']['location']
+  node = ts.ocdbt.dump(base, root).result()
+  files = sorted({e['indirect_value'].split(':')[2] for e in node['entries']
+                  if 'indirect_value' in e})
+  assert files, node
+  folder = os.path.join(item, 'ocdbt.process_0', 'd')
+  leftovers = set(os.listdir(folder)) - {f.split('/')[-1] for f in files}
+  for name in leftovers:      # the per-process b-tree, merged into state/d
+    os.remove(os.path.join(folder, name))
+  assert ck.damage(7) is None
+  restored, step, _ = ck.restore_newest(state)
+  assert step == 7
+  np.testing.assert_array_equal(restored.params['w'], state.params['w'])
+  data = os.path.join(item, 'ocdbt.process_0', files[0])
+  size = os.path.getsize(data)
+  os.truncate(data, size // 2)
+  assert re.fullmatch(
+      re.escape(f'data file checkpoints/7/state/ocdbt.process_0/{files[0]} '
+                f'is truncated ({size // 2} bytes, ') + r'\d+ needed\)',
+      ck.damage(7)), ck.damage(7)
+  os.remove(data)
+  assert ck.damage(7) == (f'data file checkpoints/7/state/ocdbt.process_0/'
+                          f'{files[0]} is missing')
   ck.close()
 
 
