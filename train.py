@@ -54,25 +54,24 @@ def main(argv):
       heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value,
       initialization_timeout=_INIT_TIMEOUT.value)
   compilation_cache.enable()
-  import jax  # pylint: disable=g-import-not-at-top
   from msrcnn_jax.training import trainer  # pylint: disable=g-import-not-at-top
-  from msrcnn_jax.training import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   # Before any work: a workdir that cannot be written or that another run
-  # holds is refused in one line (the lock is held until the run ends).
+  # holds is refused in one line; the lock is held until the process ends.
+  from msrcnn_jax.training import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   workdir = workdir_lib.prepare(
       _WORKDIR.value or os.path.join('workdir', config.name))
-  lock = workdir_lib.WorkdirLock(workdir)
+  import atexit  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
+    lock = workdir_lib.WorkdirLock(workdir)
     lock.acquire()
-  logging.info('Config %s, workdir %s', config.name, workdir)
-  try:
-    # The detector task is imported lazily (it pulls in the whole model).
-    from msrcnn_jax.training.task import DetectorTask  # pylint: disable=g-import-not-at-top
-    task = DetectorTask(config, workdir)
-    _, metrics = trainer.train_and_evaluate(config, workdir, task=task)
-  finally:
-    lock.release()
+    atexit.register(lock.release)   # also after an error line (sys.exit)
+  logging.info('Config %s, workdir %s', config.name, os.path.abspath(workdir))
+  # The detector task is imported lazily (it pulls in the whole model).
+  from msrcnn_jax.training.task import DetectorTask  # pylint: disable=g-import-not-at-top
+  task = DetectorTask(config, workdir)
+  _, metrics = trainer.train_and_evaluate(config, workdir, task=task)
   logging.info('Final metrics: %s', {k: v for k, v in metrics.items()
                                      if k != 'init_report'})
 

@@ -8,26 +8,27 @@
 - one workdir lock: a second ``train.py`` on a held workdir ends in one
   ``error:`` line naming the holder's pid and host; a dead holder's lock is
   taken over with a warning; the lock is released when a run ends, also on
-  error;
+  error (train.py stopping at ``train.base_lr=-0.003``, the trainer at a
+  checkpoint error, a UserError inside the loop);
 - a damaged newest checkpoint (data file missing, data file truncated,
   ``state/_METADATA`` missing, metadata not JSON) beside intact older steps:
   the restart falls back to the newest intact step with a warning naming the
   step and the damage, keeps the damaged step as ``<step>.damaged`` (nothing
   deleted) and trains on; the same checks on the data files of arrays
   stored outside the b-tree (over 1 KiB); damage that only the restore
-  finds restarts the
-  data iterator at the older step's position; with no intact step, one
-  ``CheckpointError``;
+  finds restarts the data iterator at the older step's position; with no
+  intact step, one ``CheckpointError``;
 - a restart whose config does not fit the checkpoint (a wider neck) names the
   changed config key and the first differing arrays, with the full list in a
   file;
 - a ``UserError`` raised inside the training loop (by the data iterator,
   mid-run) ends in an ``error:`` line that is the last line of stderr (the
   progress bar is closed before it, so no redraw follows).
-Runs use the stand-in task (``training_standin.py``). Cost: about 60-90 s of
-CPU (one 3-step training, five short resumes, one mismatched restart, two
-subprocesses: train.py stopping at the lock and a stand-in run); measured
-45-55 s on 2 cores.
+Runs use the stand-in task (``training_standin.py``). Cost: one 3-step
+training, six short resumes, one mismatched restart, three subprocesses
+(train.py stopping at the lock, train.py stopping at a bad config after
+taking the lock, a stand-in run); measured 45 s on the idle 2-core VM, 71 s
+while shared with other test runs.
 """
 
 import errno
@@ -41,8 +42,10 @@ import sys
 
 import flax.linen as nn
 import importlib.util
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorstore as ts
 
 from msrcnn_jax import config as config_lib
 from msrcnn_jax import errors
@@ -50,6 +53,7 @@ from msrcnn_jax import variables as variables_lib
 from msrcnn_jax.training import checkpointing
 from msrcnn_jax.training import trainer
 from msrcnn_jax.training import workdir as workdir_lib
+from msrcnn_jax.training.train_step import TrainState
 import training_standin
 from training_standin import StandInTask, make_iter_fn, small_config
 
@@ -178,8 +182,8 @@ def test_every_shipped_config_validates():
 def test_workdir_not_creatable_or_read_only(tmp_path, monkeypatch):
   blocker = tmp_path / 'a_file'
   blocker.write_text('x')
-  with pytest.raises(workdir_lib.WorkdirError,
-                     match=re.escape(f'cannot create the workdir {blocker}/run')):
+  with pytest.raises(workdir_lib.WorkdirError, match=re.escape(
+      f'cannot create the workdir {blocker}/run')):
     workdir_lib.prepare(str(blocker / 'run'))
   assert isinstance(workdir_lib.WorkdirError('x'), errors.UserError)
   # Read-only: root ignores permission bits, so the filesystem's refusal is
@@ -210,7 +214,7 @@ def test_workdir_not_creatable_or_read_only(tmp_path, monkeypatch):
   assert os.listdir(tmp_path / 'ok') == []      # the probe is removed
 
 
-def test_second_train_py_on_a_held_workdir(tmp_path):
+def test_train_py_on_a_held_workdir_and_release_on_error(tmp_path):
   workdir = workdir_lib.prepare(str(tmp_path / 'run'))
   with workdir_lib.WorkdirLock(workdir):
     proc = subprocess.run(
@@ -225,6 +229,15 @@ def test_second_train_py_on_a_held_workdir(tmp_path):
   # Released: the file stays (emptied) and nothing else was written.
   assert open(os.path.join(workdir, '.lock')).read() == ''
   assert os.listdir(workdir) == ['.lock']
+  # A run that takes the lock and then stops on an error releases it.
+  proc = subprocess.run(
+      [sys.executable, 'train.py', f'--workdir={workdir}',
+       '--config.train.base_lr=-0.003'], cwd=_ROOT, env=_env(),
+      capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert _last_line(proc.stderr) == (
+      'error: train.base_lr=-0.003: must be a number > 0'), proc.stderr[-2000:]
+  assert open(os.path.join(workdir, '.lock')).read() == ''
 
 
 def test_dead_holder_is_taken_over_and_lock_nests(tmp_path, caplog):
@@ -329,8 +342,6 @@ def test_damage_of_large_arrays_data_files(tmp_path):
   # state/ocdbt.process_0/d/ (the stand-in's are all inline): a missing or
   # truncated one of those is found without reading the arrays, and an
   # unreferenced leftover file there is not damage.
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from msrcnn_jax.training.train_step import TrainState  # pylint: disable=g-import-not-at-top
   noise = np.random.default_rng(0).normal(size=(2, 64, 64))  # incompressible
   state = TrainState(
       step=jnp.int32(7), params={'w': jnp.asarray(noise[0], jnp.float32),
@@ -340,7 +351,6 @@ def test_damage_of_large_arrays_data_files(tmp_path):
   ck = checkpointing.Checkpointer(str(tmp_path / 'checkpoints'))
   ck.save(state, {'data_position': 7}, wait=True)
   assert ck.damage(7) is None
-  import tensorstore as ts  # pylint: disable=g-import-not-at-top
   item = str(tmp_path / 'checkpoints' / '7' / 'state')
   base = ts.KvStore.open({'driver': 'file', 'path': item + '/'}).result()
   root = ts.ocdbt.dump(base).result()['versions'][-1]['root']['location']

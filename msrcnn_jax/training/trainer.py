@@ -1,8 +1,10 @@
 """``train_and_evaluate(config, workdir)``: the whole training run.
 
-Start-up: log the devices, build the ``('data',)`` mesh, check the global
+Start-up: check the workdir is writable and lock it (``training/workdir``),
+log the devices, build the ``('data',)`` mesh, check the global
 batch divides over it, open the checkpoint directory. If it holds a
-checkpoint, restore the newest one (params, optimizer state, RNG, step) and
+checkpoint, restore the newest intact one (a damaged newer step is skipped
+with a warning, see ``checkpointing``; params, optimizer state, RNG, step) and
 restart the data iterator at the saved data position ("Resuming from step
 N"); otherwise initialise the model (and merge ``train.init_checkpoint`` if
 set). Loop: one jitted step per global batch; every step's scalar metrics are
@@ -429,7 +431,7 @@ def _train_and_evaluate(config, workdir, task, train_iter_fn, eval_fn):
                        init_report=report)
   finally:
     if pbar is not None:
-      pbar.close()    # before an error line: no redraw below it
+      pbar.close()            # before an error line, never redrawn after it
     if hasattr(source_iter, 'close'):
       source_iter.close()     # stops the data pipeline's workers
     ckpt.close()
