@@ -472,6 +472,11 @@ def _check_ranges(got: dict[str, Any]) -> None:
               f'data.buckets={_show(buckets)}: {_show(bucket)} is not a '
               f'multiple of {multiple} ({why}); e.g. '
               f'{tuple(-(-int(v) // multiple) * multiple for v in bucket)}')
+  n = got['data.eval_num_buckets']
+  _refuse(n > 0 and divisor % BACKBONE_STRIDE != 0,
+          f'data.size_divisor={divisor} must be a multiple of '
+          f"{BACKBONE_STRIDE} (the backbone's stride) with "
+          f'data.eval_num_buckets={n}, whose buckets are padded image sizes')
 
 
 def _show(value: Any) -> str:

@@ -176,6 +176,12 @@ def test_every_shipped_config_validates():
   c.test.postprocess_workers = -1
   c.model.backbone.frozen_stages = -1
   config_lib.validate(c)
+  # Buckets chosen from the data are padded sizes: /32 needs size_divisor /32.
+  c.data.eval_num_buckets = 3
+  with pytest.raises(config_lib.ConfigError, match=re.escape(
+      "data.size_divisor=1 must be a multiple of 32 (the backbone's stride) "
+      'with data.eval_num_buckets=3')):
+    config_lib.validate(c)
 
 
 # ------------------------------------------------------------------ workdir
