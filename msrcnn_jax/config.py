@@ -314,7 +314,7 @@ _INT = (_is_int, 'an integer')
 # key -> (rule, note): every numeric key of the schema whose sign or range
 # can be wrong. Sequence keys (``each``) apply the rule to every entry.
 _RANGES = {
-    'seed': (_INT, ''),
+    'seed': (_NONNEG_INT, ''),    # numpy SeedSequence entries
     'num_vis_images': (_NONNEG_INT, ''),
     'model.backbone.base_channels': (_POS_INT, ''),
     'model.backbone.base_width': (_POS_INT, ''),
@@ -414,7 +414,7 @@ _RANGES = {
     'data.synthetic.image_size': (_POS_INT, 'each'),
     'data.synthetic.max_objects': (_POS_INT, ''),
     'data.synthetic.num_classes': (_POS_INT, ''),
-    'data.synthetic.seed': (_INT, ''),
+    'data.synthetic.seed': (_NONNEG_INT, ''),
 }
 
 # Sequence keys and the number of entries they must have (None: >= 1).

@@ -141,6 +141,8 @@ _BAD_VALUES = [
     ('model.roi_head.finest_scale', -56, 'must be a number > 0'),
     ('model.roi_head.roi_align_max_samples', 0, 'must be an integer >= 1'),
     ('num_vis_images', -1, 'must be an integer >= 0'),
+    ('seed', -1, 'must be an integer >= 0'),
+    ('data.synthetic.seed', -3, 'must be an integer >= 0'),
 ]
 
 
