@@ -270,6 +270,23 @@ def test_dead_holder_is_taken_over_and_lock_nests(tmp_path, caplog):
   assert open(os.path.join(workdir, '.lock')).read() == ''
 
 
+def test_no_flock_on_the_filesystem_runs_unlocked(tmp_path, monkeypatch,
+                                                 caplog):
+  import fcntl  # pylint: disable=g-import-not-at-top
+  real_flock = fcntl.flock
+
+  def no_locks(fd, operation):
+    if operation & fcntl.LOCK_EX:
+      raise OSError(errno.ENOLCK, 'No locks available')
+    return real_flock(fd, operation)
+
+  monkeypatch.setattr(workdir_lib.fcntl, 'flock', no_locks)
+  with caplog.at_level('WARNING'):
+    with workdir_lib.WorkdirLock(str(tmp_path)):
+      assert 'running without the workdir lock' in caplog.text
+  assert workdir_lib._HELD == {}  # pylint: disable=protected-access
+
+
 # -------------------------------------------------------------- checkpoints
 def _damage_missing_data(step_dir):
   data = os.path.join(step_dir, 'state', 'd')

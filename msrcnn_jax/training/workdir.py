@@ -104,7 +104,8 @@ def _pid_alive(pid: int) -> bool:
   return True
 
 
-# path -> [fd, depth]: the locks this process holds (re-entrant).
+# path -> [fd, depth]: the locks this process holds (re-entrant; fd -1:
+# held without flock, which the filesystem does not support).
 _HELD: dict[str, list[int]] = {}
 _HELD_GUARD = threading.Lock()
 
@@ -125,6 +126,9 @@ class WorkdirLock:
 
   def acquire(self) -> None:
     """Takes the lock (or one more level of this process's lock).
+
+    On a filesystem without ``flock`` (ENOLCK, ENOSYS) the run goes on
+    unlocked with a warning.
 
     Raises:
       WorkdirLockedError: another live process holds it; the message names
@@ -149,8 +153,13 @@ class WorkdirLock:
         info = _read(fd)
         os.close(fd)
         if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-          raise WorkdirError(f'cannot lock {self.path}: '
-                             f'{e.strerror or e}') from e
+          # A filesystem without flock (some network mounts): run unlocked.
+          logging.warning('Cannot lock %s (%s); running without the workdir '
+                          'lock: make sure no other run uses this workdir',
+                          self.path, e.strerror or e)
+          _HELD[self.path] = [-1, 1]
+          self._acquired = True
+          return
         raise WorkdirLockedError(
             f'the workdir {os.path.dirname(self.path)} is in use by another '
             f'training run ({_holder_text(info)}); wait for it to end or '
@@ -187,6 +196,8 @@ class WorkdirLock:
         return
       del _HELD[self.path]
       fd = entry[0]
+      if fd < 0:            # running unlocked (no flock on this filesystem)
+        return
       try:
         os.ftruncate(fd, 0)
       except OSError:
