@@ -191,7 +191,10 @@ class Checkpointer:
     for step in reversed(steps):
       reason = self.damage(step)
       if reason is None:
-        return step, self.metadata(step)
+        try:
+          return step, self.metadata(step)
+        except Exception as e:  # pylint: disable=broad-except
+          reason = f'its metadata cannot be read: {_short(e)}'
       self._warn_damaged(step, reason)
     if steps:
       self._raise_none_intact()
@@ -295,14 +298,16 @@ class Checkpointer:
     missing, unexpected, mis_shaped = variables_lib.compare(expected, saved)
     if not (missing or unexpected or mis_shaped):
       return
-    lines = variables_lib.mismatch_lines(expected, saved, missing,
-                                         unexpected, mis_shaped)
-    lines = [line.strip().replace('the model expects', 'the config makes')
-             for line in lines]
+    rows = ([(k, f'{k}: absent in the checkpoint, {expected[k]} now')
+             for k in missing] +
+            [(k, f'{k}: {saved[k]} in the checkpoint, absent now')
+             for k in unexpected] +
+            [(k, f'{k}: {saved[k]} in the checkpoint, {expected[k]} now')
+             for k in mis_shaped])
     # The model's variables first, the optimizer's moments of them last.
-    lines.sort(key=lambda line: (line.split(' ')[1].startswith('opt_state/'),
-                                 not line.split(' ')[1].startswith('params/'),
-                                 line.split(' ')[1]))
+    rows.sort(key=lambda row: (row[0].startswith('opt_state/'),
+                               not row[0].startswith('params/'), row[0]))
+    lines = [text for _, text in rows]
     keys = _config_differences(self.metadata(step).get('config'), config)
     report = os.path.join(os.path.dirname(self.directory),
                           f'restore_mismatch_step{step}.txt')
