@@ -56,7 +56,17 @@ def main(argv):
   compilation_cache.enable()
   from msrcnn_jax.training import trainer  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
-  workdir = _WORKDIR.value or os.path.join('workdir', config.name)
+  # Before any work: a workdir that cannot be written or that another run
+  # holds is refused in one line; the lock is held until the process ends.
+  from msrcnn_jax.training import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  workdir = workdir_lib.prepare(
+      _WORKDIR.value or os.path.join('workdir', config.name))
+  import atexit  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    lock = workdir_lib.WorkdirLock(workdir)
+    lock.acquire()
+    atexit.register(lock.release)   # also after an error line (sys.exit)
   logging.info('Config %s, workdir %s', config.name, os.path.abspath(workdir))
   # The detector task is imported lazily (it pulls in the whole model).
   from msrcnn_jax.training.task import DetectorTask  # pylint: disable=g-import-not-at-top

@@ -21,6 +21,7 @@ import sys
 from typing import Any, Sequence
 
 import ml_collections
+import numpy as np
 
 from msrcnn_jax.errors import ConfigError  # pylint: disable=unused-import
 
@@ -290,6 +291,207 @@ def _refuse(cond: bool, message: str) -> None:
     raise ConfigError(message)
 
 
+# ------------------------------------------------------ signs and ranges
+# The FPN's coarsest backbone stride (C5): every padded input side must be a
+# multiple of it, or the top-down pathway's 2x upsampling misaligns.
+BACKBONE_STRIDE = 32
+
+
+def _is_int(v: Any) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, (bool,
+                                                                  np.bool_))
+
+
+def _is_number(v: Any) -> bool:
+  return ((isinstance(v, (int, float, np.integer, np.floating)) and
+           not isinstance(v, (bool, np.bool_))) and bool(np.isfinite(v)))
+
+
+# (test, what a value must be) of the numeric keys.
+_POS_INT = (lambda v: _is_int(v) and v >= 1, 'an integer >= 1')
+_NONNEG_INT = (lambda v: _is_int(v) and v >= 0, 'an integer >= 0')
+_POS = (lambda v: _is_number(v) and v > 0, 'a number > 0')
+_NONNEG = (lambda v: _is_number(v) and v >= 0, 'a number >= 0')
+_UNIT = (lambda v: _is_number(v) and 0 <= v <= 1, 'in [0, 1]')
+_IOU = (lambda v: _is_number(v) and 0 < v <= 1, 'in (0, 1]')
+_INT = (_is_int, 'an integer')
+
+# key -> (rule, note): every numeric key of the schema whose sign or range
+# can be wrong. Sequence keys (``each``) apply the rule to every entry.
+_RANGES = {
+    'seed': (_NONNEG_INT, ''),    # numpy SeedSequence entries
+    'num_vis_images': (_NONNEG_INT, ''),
+    'model.backbone.base_channels': (_POS_INT, ''),
+    'model.backbone.base_width': (_POS_INT, ''),
+    'model.backbone.groups': (_POS_INT, ''),
+    'model.backbone.bn_eps': (_POS, ''),
+    'model.backbone.frozen_stages': (
+        (lambda v: _is_int(v) and -1 <= v <= 4, 'an integer in [-1, 4]'),
+        '-1 = nothing frozen'),
+    'model.neck.in_channels': (_POS_INT, 'each'),
+    'model.neck.out_channels': (_POS_INT, ''),
+    'model.neck.num_outs': (_POS_INT, ''),
+    'model.rpn_head.feat_channels': (_POS_INT, ''),
+    'model.rpn_head.anchor_scales': (_POS, 'each'),
+    'model.rpn_head.anchor_ratios': (_POS, 'each'),
+    'model.rpn_head.anchor_strides': (_POS_INT, 'each'),
+    'model.rpn_head.target_stds': (_POS, 'each'),
+    'model.roi_head.featmap_strides': (_POS_INT, 'each'),
+    'model.roi_head.finest_scale': (_POS, ''),
+    'model.roi_head.roi_align_max_samples': (_POS_INT, ''),
+    'model.roi_head.bbox_roi_extractor.output_size': (_POS_INT, ''),
+    'model.roi_head.mask_roi_extractor.output_size': (_POS_INT, ''),
+    'model.roi_head.bbox_head.fc_out_channels': (_POS_INT, ''),
+    'model.roi_head.bbox_head.target_stds': (_POS, 'each'),
+    'model.roi_head.mask_head.num_convs': (_NONNEG_INT, ''),
+    'model.roi_head.mask_head.conv_out_channels': (_POS_INT, ''),
+    'model.roi_head.mask_iou_head.num_convs': (_NONNEG_INT, ''),
+    'model.roi_head.mask_iou_head.num_fcs': (_NONNEG_INT, ''),
+    'model.roi_head.mask_iou_head.conv_out_channels': (_POS_INT, ''),
+    'model.roi_head.mask_iou_head.fc_out_channels': (_POS_INT, ''),
+    'test.rpn.nms_pre': (_POS_INT, ''),
+    'test.rpn.max_per_img': (_POS_INT, ''),
+    'test.rpn.iou_threshold': (_IOU, ''),
+    'test.rcnn.score_thr': (
+        (lambda v: _is_number(v) and 0 <= v < 1, 'in [0, 1)'), ''),
+    'test.rcnn.iou_threshold': (_IOU, ''),
+    'test.rcnn.max_per_img': (_POS_INT, ''),
+    'test.rcnn.mask_thr_binary': (_UNIT, ''),
+    'test.rcnn.max_candidates': (_POS_INT, ''),
+    'test.batch_size': (_POS_INT, ''),
+    'test.postprocess_workers': (
+        (lambda v: _is_int(v) and v >= -1, 'an integer >= -1'),
+        '-1 = automatic, 0 = in the calling thread'),
+    'train.rpn.pos_iou_thr': (_UNIT, ''),
+    'train.rpn.neg_iou_thr': (_UNIT, ''),
+    'train.rpn.min_pos_iou': (_UNIT, ''),
+    'train.rpn.num_samples': (_POS_INT, ''),
+    'train.rpn.pos_fraction': (_IOU, ''),
+    'train.rpn_proposal.nms_pre': (_POS_INT, ''),
+    'train.rpn_proposal.max_per_img': (_POS_INT, ''),
+    'train.rpn_proposal.iou_threshold': (_IOU, ''),
+    'train.rcnn.pos_iou_thr': (_UNIT, ''),
+    'train.rcnn.neg_iou_thr': (_UNIT, ''),
+    'train.rcnn.min_pos_iou': (_UNIT, ''),
+    'train.rcnn.num_samples': (_POS_INT, ''),
+    'train.rcnn.pos_fraction': (_IOU, ''),
+    'train.rcnn.mask_size': (_POS_INT, ''),
+    'train.rcnn.mask_thr_binary': (_UNIT, ''),
+    'train.loss_weights.rpn_cls': (_NONNEG, ''),
+    'train.loss_weights.rpn_bbox': (_NONNEG, ''),
+    'train.loss_weights.cls': (_NONNEG, ''),
+    'train.loss_weights.bbox': (_NONNEG, ''),
+    'train.loss_weights.mask': (_NONNEG, ''),
+    'train.loss_weights.mask_iou': (_NONNEG, ''),
+    'train.global_batch_size': (_POS_INT, ''),
+    'train.base_lr': (_POS, ''),
+    'train.base_batch_size': (_POS_INT, ''),
+    'train.momentum': (
+        (lambda v: _is_number(v) and 0 <= v < 1, 'in [0, 1)'), ''),
+    'train.weight_decay': (_NONNEG, ''),
+    'train.warmup_steps': (_NONNEG_INT, '0 = no warm-up'),
+    'train.warmup_ratio': (_UNIT, ''),
+    'train.epochs': (_POS_INT, ''),
+    'train.lr_steps_epochs': (_POS_INT, 'each'),
+    'train.lr_decay': (_POS, ''),
+    'train.grad_clip_norm': (_NONNEG, '0 = no clipping'),
+    'train.max_steps': (_NONNEG_INT, "0 = the schedule's epochs"),
+    'train.images_per_epoch': (_POS_INT, ''),
+    'train.checkpoint_every_steps': (_NONNEG_INT, '0 = only at the end'),
+    'train.keep_checkpoints': (_NONNEG_INT, '0 = keep all'),
+    'train.log_every_steps': (_POS_INT, ''),
+    'train.eval_every_steps': (
+        _INT, '0 = only at the end, < 0 = never'),
+    'data.img_scale': (_POS, 'each'),
+    'data.size_divisor': (_POS_INT, ''),
+    'data.flip_ratio': (_UNIT, ''),
+    'data.eval_num_buckets': (_NONNEG_INT, '0 = data.buckets'),
+    'data.max_instances': (_POS_INT, ''),
+    'data.gt_mask_crop_size': (_POS_INT, ''),
+    'data.num_workers': (_NONNEG_INT, '0 = in the calling thread'),
+    'data.prefetch': (_NONNEG_INT, ''),
+    'data.min_size': (_NONNEG_INT, ''),
+    'data.mean': (
+        (_is_number, 'a finite number'), 'each'),
+    'data.std': (_POS, 'each'),
+    'data.synthetic.num_train': (_POS_INT, ''),
+    'data.synthetic.num_val': (_POS_INT, ''),
+    'data.synthetic.image_size': (_POS_INT, 'each'),
+    'data.synthetic.max_objects': (_POS_INT, ''),
+    'data.synthetic.num_classes': (_POS_INT, ''),
+    'data.synthetic.seed': (_NONNEG_INT, ''),
+}
+
+# Sequence keys and the number of entries they must have (None: >= 1).
+_LENGTHS = {
+    'data.img_scale': 2, 'data.mean': 3, 'data.std': 3,
+    'data.synthetic.image_size': 2, 'model.rpn_head.target_stds': 4,
+    'model.roi_head.bbox_head.target_stds': 4,
+    'model.neck.in_channels': None, 'model.rpn_head.anchor_scales': None,
+    'model.rpn_head.anchor_ratios': None,
+    'model.rpn_head.anchor_strides': None,
+    'model.roi_head.featmap_strides': None,
+}
+
+
+def _check_ranges(got: dict[str, Any]) -> None:
+  """Refuses, naming the key and value, a numeric value out of its range
+  (``_RANGES``), a sequence of the wrong length (``_LENGTHS``), decay epochs
+  that do not increase and buckets that are not multiples of the backbone
+  stride and of ``data.size_divisor``."""
+  for key, length in _LENGTHS.items():
+    value = got[key]
+    ok = isinstance(value, (list, tuple)) and (
+        len(value) == length if length else len(value) >= 1)
+    _refuse(not ok, f'{key}={_show(value)} must be a list of '
+            f'{length if length else "one or more"} numbers')
+  for key, ((test, what), note) in _RANGES.items():
+    value = got[key]
+    each = note == 'each'
+    values = list(value) if each and isinstance(value, (list, tuple)) else [
+        value]
+    if each and not isinstance(value, (list, tuple)):
+      values = [None]
+    bad = [v for v in values if not test(v)]
+    if bad:
+      hint = '' if each or not note else f' ({note})'
+      raise ConfigError(f'{key}={_show(value)}: '
+                        f'{"every entry " if each else ""}must be {what}'
+                        f'{hint}')
+  epochs = list(got['train.lr_steps_epochs'])
+  _refuse(any(b <= a for a, b in zip(epochs, epochs[1:])),
+          f'train.lr_steps_epochs={_show(epochs)} must increase')
+  divisor = int(got['data.size_divisor'])
+  buckets = got['data.buckets']
+  _refuse(not isinstance(buckets, (list, tuple)) or not buckets,
+          f'data.buckets={_show(buckets)} must list one or more (height, '
+          'width) shapes')
+  for bucket in buckets:
+    ok = (isinstance(bucket, (list, tuple)) and len(bucket) == 2 and
+          all(_is_int(v) and v > 0 for v in bucket))
+    _refuse(not ok, f'data.buckets={_show(buckets)}: {_show(bucket)} is not '
+            'a (height, width) pair of positive integers')
+    for multiple, why in ((BACKBONE_STRIDE, "the backbone's stride"),
+                          (divisor, 'data.size_divisor')):
+      _refuse(any(v % multiple for v in bucket),
+              f'data.buckets={_show(buckets)}: {_show(bucket)} is not a '
+              f'multiple of {multiple} ({why}); e.g. '
+              f'{tuple(-(-int(v) // multiple) * multiple for v in bucket)}')
+  n = got['data.eval_num_buckets']
+  _refuse(n > 0 and divisor % BACKBONE_STRIDE != 0,
+          f'data.size_divisor={divisor} must be a multiple of '
+          f"{BACKBONE_STRIDE} (the backbone's stride) with "
+          f'data.eval_num_buckets={n}, whose buckets are padded image sizes')
+
+
+def _show(value: Any) -> str:
+  """A config value as the user wrote it (tuples of tuples, not lists)."""
+  if isinstance(value, (list, tuple)):
+    return '(' + ', '.join(_show(v) for v in value) + (
+        ',)' if len(value) == 1 else ')')
+  return repr(value)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks a whole config before anything is built.
 
@@ -300,7 +502,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   ``model.num_classes``, ``train.rcnn.mask_size`` vs the mask head's output); keys set that do not
   apply (``data.coco_dir`` without ``data.source='coco'``,
   ``data.tfds_data_dir`` without 'tfds', ``train.momentum`` changed with
-  AdamW, ``train.init_skip_patterns`` without ``train.init_checkpoint``).
+  AdamW, ``train.init_skip_patterns`` without ``train.init_checkpoint``);
+  numeric values out of range where a wrong sign or size is meaningless
+  (``train.base_lr <= 0``, ``train.max_steps < 0``, ``momentum`` outside
+  [0, 1), IoU thresholds outside [0, 1], ``data.img_scale`` or
+  ``data.max_instances`` not positive, a bucket that is not a multiple of
+  32 (the backbone's stride) and of ``data.size_divisor``, decay epochs
+  that do not increase; the table ``_RANGES`` lists every key's range).
 
   Raises:
     ConfigError: the first problem found, naming the key and value.
@@ -312,6 +520,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for path in sorted(set(schema) - set(got)):
     raise ConfigError(f'config key {path} is missing (a config file replaced '
                       'its parent; use .update(...) instead)')
+  _check_ranges(got)
   m, d, t = config.model, config.data, config.train
   b = m.backbone
   _refuse(b.style not in ('caffe', 'pytorch'),

@@ -1,8 +1,10 @@
 """``train_and_evaluate(config, workdir)``: the whole training run.
 
-Start-up: log the devices, build the ``('data',)`` mesh, check the global
+Start-up: check the workdir is writable and lock it (``training/workdir``),
+log the devices, build the ``('data',)`` mesh, check the global
 batch divides over it, open the checkpoint directory. If it holds a
-checkpoint, restore the newest one (params, optimizer state, RNG, step) and
+checkpoint, restore the newest intact one (a damaged newer step is skipped
+with a warning, see ``checkpointing``; params, optimizer state, RNG, step) and
 restart the data iterator at the saved data position ("Resuming from step
 N"); otherwise initialise the model (and merge ``train.init_checkpoint`` if
 set). Loop: one jitted step per global batch; every step's scalar metrics are
@@ -40,6 +42,7 @@ from msrcnn_jax.training import checkpointing
 from msrcnn_jax.training import optimizer as optimizer_lib
 from msrcnn_jax.training import partitioning
 from msrcnn_jax.training import train_step as train_step_lib
+from msrcnn_jax.training import workdir as workdir_lib
 from msrcnn_jax.training.train_step import TrainState
 
 PyTree = Any
@@ -195,14 +198,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       ``FloatingPointError``) on a non-finite loss/gradient, naming the step
       and the loss; no checkpoint is written after the last good step, and
       ``train.py`` ends with one ``error:`` line.
+    workdir.WorkdirError: the workdir cannot be created or written.
+    workdir.WorkdirLockedError: another run holds the workdir (its lock is
+      taken by process 0 for the whole run and released at the end, also
+      on error).
+    checkpointing.RestoreMismatchError: the newest intact checkpoint does
+      not fit the config (names the config keys that changed).
+    CheckpointError: the workdir has checkpoints but none is intact (a
+      damaged newest step falls back to the newest intact one).
   """
+  workdir = workdir_lib.prepare(workdir)
+  lock = workdir_lib.WorkdirLock(workdir)
+  if jax.process_index() == 0:    # one writer per workdir, for all hosts
+    lock.acquire()
+  try:
+    return _train_and_evaluate(config, workdir, task, train_iter_fn, eval_fn)
+  finally:
+    lock.release()
+
+
+def _train_and_evaluate(config, workdir, task, train_iter_fn, eval_fn):
   t = config.train
-  if '://' in workdir:            # e.g. gs://bucket/run on a TPU pod
-    from etils import epath  # pylint: disable=g-import-not-at-top
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  else:
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
   logging.info('Devices: %s', partitioning.describe_devices())
   logging.info('Local devices: %s', jax.local_devices())
   mesh = partitioning.make_mesh()
@@ -231,10 +247,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     # of them save the same step.
     ckpt.catch_sigterm()
   writer = _make_writer(workdir)
-  source_iter = None
+  source_iter = pbar = None
   try:
-    latest = ckpt.latest_step()
-    meta = ckpt.metadata(latest) if latest is not None else {}
+    # The newest step whose files look whole (a damaged newer one is
+    # skipped with a warning); its restore below may still fall back.
+    latest, meta = ckpt.newest_readable() or (None, {})
     data_position = int(meta.get('data_position', latest or 0))
     batches = source_iter = train_iter_fn(config, data_position)
     first = next(batches)
@@ -256,7 +273,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       template = jax.tree.map(
           lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
                                          sharding=replicated), template)
-      state, step = ckpt.restore_latest(template)
+      state, step, meta = ckpt.restore_newest(template, latest, config)
+      if step != latest:          # fell back: restart the data there
+        if hasattr(source_iter, 'close'):
+          source_iter.close()
+        data_position = int(meta.get('data_position', step))
+        batches = source_iter = train_iter_fn(config, data_position)
       checkpointing.log_restored(step, meta)
     else:
       variables = jax.jit(task.init_variables, out_shardings=replicated)(
@@ -304,7 +326,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         return
       ckpt.save(state, dict(data_position=data_position,
                             config_name=config.name,
-                            global_batch_size=global_batch))
+                            global_batch_size=global_batch,
+                            config=checkpointing.config_record(config)))
       last_saved = done
 
     def run_eval(done):
@@ -407,6 +430,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     return state, dict(train=train_means, eval=eval_metrics, steps=total,
                        init_report=report)
   finally:
+    if pbar is not None:
+      pbar.close()            # before an error line, never redrawn after it
     if hasattr(source_iter, 'close'):
       source_iter.close()     # stops the data pipeline's workers
     ckpt.close()
