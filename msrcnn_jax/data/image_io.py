@@ -32,6 +32,20 @@ class ImageReadError(UserError, IOError):
   """A file (or byte string) that could not be decoded as an image."""
 
 
+# Extensions of formats OpenCV decodes: such a file that does not decode is
+# damaged, not of an unknown format.
+IMAGE_EXTENSIONS = frozenset(('.png', '.jpg', '.jpeg', '.jpe', '.bmp', '.tif',
+                              '.tiff', '.webp', '.ppm', '.pgm', '.pbm'))
+
+
+def undecodable(name: str) -> str:
+  """Why a file named ``name`` did not decode: ``'corrupt or truncated'``
+  for an image extension, else ``'not an image format OpenCV can read'``."""
+  if os.path.splitext(str(name))[1].lower() in IMAGE_EXTENSIONS:
+    return 'corrupt or truncated'
+  return 'not an image format OpenCV can read'
+
+
 def imfrombytes(content: bytes, name: str = '<bytes>') -> np.ndarray:
   """Decodes encoded image bytes (PNG, JPEG, ...) as cv2 ``IMREAD_COLOR``.
 
@@ -53,9 +67,8 @@ def imfrombytes(content: bytes, name: str = '<bytes>') -> np.ndarray:
   except cv2.error as e:  # pragma: no cover - cv2 normally returns None
     raise ImageReadError(f'cannot decode image {name}: {e}') from e
   if img is None:
-    raise ImageReadError(
-        f'cannot decode image {name}: not an image format OpenCV can read '
-        f'({len(content)} bytes)')
+    raise ImageReadError(f'cannot decode image {name}: {undecodable(name)} '
+                         f'({len(content)} bytes)')
   if img.ndim == 2:  # defensive; IMREAD_COLOR always returns 3 channels
     img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
   return np.ascontiguousarray(img)
