@@ -185,8 +185,7 @@ def evaluate_model(config: ml_collections.ConfigDict, variables: dict,
   summary, log = scoring.report(
       load_results(evaluator.results_path('segm')), output_dir=output_dir,
       metrics=metrics, img_ids=evaluator.img_ids())
-  logging.info('%s', log)
-  print(log)
+  tqdm.tqdm.write(log)     # once, above any progress bar
   metrics['mask_scoring'] = summary
   if output_dir:
     # Keeps what the evaluator wrote there (coco_stats, num_images).

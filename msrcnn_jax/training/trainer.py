@@ -231,7 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     # of them save the same step.
     ckpt.catch_sigterm()
   writer = _make_writer(workdir)
-  source_iter = None
+  source_iter = pbar = None
   try:
     latest = ckpt.latest_step()
     meta = ckpt.metadata(latest) if latest is not None else {}
@@ -317,7 +317,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       if jax.process_index() == 0:
         logging.info('Evaluating at step %d', done)
         eval_metrics = dict(eval_fn(state) or {})
-        logging.info('eval@%d: %s', done, eval_metrics)
+        logging.info('eval@%d: %s', done, ' '.join(
+            f'{k}={float(v):.4g}' for k, v in eval_metrics.items()
+            if k in ('bbox_mAP', 'segm_mAP') and np.isscalar(v)) or
+                     f'{len(eval_metrics)} metrics')
       else:
         logging.info('Waiting for process 0 to evaluate step %d', done)
       partitioning.wait_for_all_hosts(f'msrcnn_eval_{done}')
@@ -407,6 +410,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     return state, dict(train=train_means, eval=eval_metrics, steps=total,
                        init_report=report)
   finally:
+    if pbar is not None:
+      pbar.close()            # before an error line, never redrawn after it
     if hasattr(source_iter, 'close'):
       source_iter.close()     # stops the data pipeline's workers
     ckpt.close()
