@@ -81,8 +81,8 @@ def summary(workdir: str, metrics: dict, seconds: float) -> str:
     lines += ['', console.table(
         [(k, ap(ev.get(f'bbox_{k}')), ap(ev.get(f'segm_{k}')))
          for k in _AP_KEYS], header=('COCO', 'bbox', 'segm'))]
-    ms = [(name, ev.get(f'mask_scoring/pearson_{key}'),
-           ev.get(f'mask_scoring/spearman_{key}'))
+    ms = [(name, ap(ev.get(f'mask_scoring/pearson_{key}')),
+           ap(ev.get(f'mask_scoring/spearman_{key}')))
           for name, key in (('predicted MaskIoU', 'maskiou'),
                             ('box score', 'boxscore'))
           if f'mask_scoring/pearson_{key}' in ev]
