@@ -88,10 +88,11 @@ def summarise_context(message: str) -> tuple[str, list[str]]:
   first, context = lines[0], lines[1:]
   if len(context) <= MAX_CONTEXT_LINES:
     return first, context
-  shown, items, hidden = [], 0, 0
+  shown, summaries, items, hidden = [], 0, 0, 0
   for line in context:
-    if not line[:1].isspace() and len(shown) < MAX_CONTEXT_LINES:
+    if not line[:1].isspace() and summaries < MAX_CONTEXT_LINES:
       shown.append(line)
+      summaries += 1
     elif items < CONTEXT_SHOWN:
       shown.append(line)
       items += 1

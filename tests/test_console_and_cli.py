@@ -24,10 +24,12 @@ model (random weights, one 128x128 bucket, batch 1):
 - ``python -m msrcnn_jax.data.synthetic --out DIR`` writes a dataset the
   COCO source reads.
 
-Cost on the 2-core CPU VM: about 60-90 s, most of it the train.py run
-(20-45 s with the persistent compilation cache warm, more when cold) and
-the two ``predict --exported`` subprocesses (model lowering and one
-compilation); the rest is in-process and takes a few seconds.
+Cost on the 2-core CPU VM shared by 4 jobs: without the ``slow`` train.py
+run about 60 s (the export fixture's lowering ~10 s, the two ``predict
+--exported`` subprocesses ~36 s, the ``train.py --help`` / missing-config
+subprocesses ~9 s, the rest a few seconds in process); the ``slow``
+train.py run (training and evaluation programs compiled) took 164-185 s
+there.
 """
 
 import json
@@ -350,6 +352,7 @@ def test_predict_exported_names_pictures_and_edited_contract(exported,
 
 
 # ----------------------------------------------------------------- train.py
+@pytest.mark.slow
 def test_train_console_is_readable(tmp_path):
   workdir = str(tmp_path / 'qs')
   proc = _run('train.py', f'--workdir={workdir}',
