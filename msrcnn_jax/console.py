@@ -13,6 +13,10 @@ once the flags are parsed:
   ``msrcnn_jax`` package and the entry-point script) stay. absl's
   ``--verbosity`` (or ``-v``) given on the command line turns the filter off:
   everything at that level is printed again.
+- ``native_notices_hidden`` hides the INFO notices C++ libraries write
+  straight to the process's stderr while a block runs (TensorFlow's oneDNN
+  notice at import ignores ``TF_CPP_MIN_LOG_LEVEL``); ``export`` imports
+  TensorFlow in it.
 - Log lines are written with ``tqdm.write``, so an active progress bar is
   cleared, the line printed above it and the bar redrawn below, instead of
   the line being glued onto the end of the bar's line.
@@ -22,11 +26,14 @@ once the flags are parsed:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
+import re
 import sys
-from typing import Iterable, Sequence
+import tempfile
+from typing import Iterable, Iterator, Sequence
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -121,6 +128,50 @@ def configure_logging(verbose: bool | None = None) -> None:
     # TensorFlow's C++ notices at import (oneDNN, CPU instructions, CUDA
     # probes); read when TensorFlow is first imported (export does it late).
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+
+# INFO lines of C++ logging (absl / glog style) and what they drag along.
+_NATIVE_NOTICE = re.compile(
+    r'^(I\d{4} |WARNING: All log messages before absl::InitializeLog|'
+    r'To enable the following instructions)')
+
+
+@contextlib.contextmanager
+def native_notices_hidden() -> Iterator[None]:
+  """Hides C++ INFO notices written to file descriptor 2 inside the block.
+
+  What the block writes to fd 2 is held in a temporary file and written back
+  to stderr afterwards, less the lines of C++ INFO logging (``I1205 ...``,
+  absl's ``WARNING: All log messages before absl::InitializeLog() ...``,
+  TensorFlow's CPU-instruction notice). Does nothing when ``--verbosity``
+  was given or fd 2 cannot be duplicated.
+  """
+  if _verbosity_asked():
+    yield
+    return
+  sys.stderr.flush()
+  try:
+    saved = os.dup(2)
+  except OSError:
+    yield
+    return
+  with tempfile.TemporaryFile() as held:
+    os.dup2(held.fileno(), 2)
+    try:
+      yield
+    finally:
+      try:
+        sys.stderr.flush()
+      finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+      held.seek(0)
+      text = held.read().decode('utf-8', errors='replace')
+      kept = [line for line in text.splitlines()
+              if line.strip() and not _NATIVE_NOTICE.match(line)]
+      if kept:
+        sys.stderr.write('\n'.join(kept) + '\n')
+        sys.stderr.flush()
 
 
 def table(rows: Iterable[Sequence[object]], header: Sequence[str] | None = None

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from msrcnn_jax import console
 from msrcnn_jax import errors
 from msrcnn_jax import serving
 from msrcnn_jax.inference import Predictor
@@ -110,7 +111,8 @@ def export_detector(config: ml_collections.ConfigDict, variables: Any,
   """
   if saved_model:
     try:
-      import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+      with console.native_notices_hidden():   # TensorFlow's oneDNN notice
+        import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
     except ImportError as e:
       raise errors.UserError(
           f'the SavedModel needs TensorFlow ({e}): pip install '
