@@ -110,7 +110,10 @@ class ExportedPredictor(Predictor):
       ``test.rcnn.mask_thr_binary`` keys the predictor and ``predict`` read.
 
   Raises:
-    ExportError: a missing or malformed export.
+    ExportError: a missing or malformed export, or a ``contract.json`` that
+      is not the one its programs were exported with (edited since: a
+      different batch size, bucket, preprocessing, class list, ...), found
+      before any image is read.
   """
 
   def __init__(self, directory: str):  # pylint: disable=super-init-not-called
