@@ -14,7 +14,7 @@ is named by its path relative to the inputs' common directory, see
 ``score`` (box score), ``mask_iou`` (predicted MaskIoU), ``mask_score``
 (score x mask_iou) and ``segmentation`` (COCO RLE at the original size).
 ``--vis-dir`` gets one picture per image, ``<name without extension>.png``
-(in subdirectories when names are relative paths).
+(in subdirectories when names are relative paths; see ``picture_names``).
 
 Refused before any work, with one ``error:`` line: an ``--output`` that is a
 directory or whose directory does not exist, a ``--vis-dir`` that is a file,
@@ -23,6 +23,7 @@ missing or unrecognised image files.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import sys
@@ -83,6 +84,17 @@ def image_names(paths: Sequence[str]) -> list[str]:
   absolute = [os.path.abspath(p) for p in paths]
   root = os.path.commonpath([os.path.dirname(p) for p in absolute])
   return [os.path.relpath(p, root).replace(os.sep, '/') for p in absolute]
+
+
+def picture_names(names: Sequence[str]) -> list[str]:
+  """``--vis-dir`` file names for ``image_names``: the name with ``.png``
+  for its extension (``d1/x.jpg`` -> ``d1/x.png``), or with ``.png``
+  appended where that would give two images one picture (``x.png`` and
+  ``x.jpg`` -> ``x.png.png``, ``x.jpg.png``)."""
+  stems = [os.path.splitext(n)[0] + '.png' for n in names]
+  taken = collections.Counter(stems)
+  return [s if taken[s] == 1 or s == n else n + '.png'
+          for s, n in zip(stems, names)]
 
 
 def check_outputs(output: str, vis_dir: str | None) -> None:
@@ -160,9 +172,8 @@ def main(argv: Sequence[str]) -> None:
         f'{_OUTPUT.value}')
   if _VIS_DIR.value:
     os.makedirs(_VIS_DIR.value, exist_ok=True)
-    for path, rec, name in zip(paths, records, names):
+    for path, rec, picture in zip(paths, records, picture_names(names)):
       rgb = image_io.imread(path)[..., ::-1]
-      picture = os.path.splitext(name)[0] + '.png'
       visualize.save_visualization(
           os.path.join(_VIS_DIR.value, *picture.split('/')), rgb, rec,
           class_names=config.data.class_names, score_thr=_VIS_THR.value)

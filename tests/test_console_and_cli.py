@@ -72,6 +72,10 @@ def test_equal_basenames_keep_distinct_names():
                                                            'd2/x.png']
   assert predict.image_names(['p/d1/x.png', 'p/q/d2/x.png', 'p/z.png']) == [
       'd1/x.png', 'q/d2/x.png', 'z.png']
+  assert predict.picture_names(['d1/x.jpg', 'd2/x.png']) == ['d1/x.png',
+                                                             'd2/x.png']
+  assert predict.picture_names(['x.png', 'x.jpg', 'y.jpg']) == [
+      'x.png', 'x.jpg.png', 'y.png']
 
 
 def test_output_refused_before_any_work(tmp_path):
