@@ -24,12 +24,12 @@ model (random weights, one 128x128 bucket, batch 1):
 - ``python -m msrcnn_jax.data.synthetic --out DIR`` writes a dataset the
   COCO source reads.
 
-Cost on the 2-core CPU VM shared by 4 jobs: without the ``slow`` train.py
-run about 60 s (the export fixture's lowering ~10 s, the two ``predict
---exported`` subprocesses ~36 s, the ``train.py --help`` / missing-config
-subprocesses ~9 s, the rest a few seconds in process); the ``slow``
-train.py run (training and evaluation programs compiled) took 164-185 s
-there.
+Cost on the 2-core CPU VM shared by 4 jobs, measured: without the ``slow``
+train.py run about 50 s (the two ``predict --exported`` subprocesses 28 s,
+the ``train.py --help`` / missing-config subprocesses 11 s, the export
+fixture's lowering 7 s, the rest in process in a few seconds); the ``slow``
+train.py run (training and evaluation programs compiled) 164-185 s; the
+whole file 218 s.
 """
 
 import json
