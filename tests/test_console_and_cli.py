@@ -131,6 +131,7 @@ def test_other_libraries_info_records_dropped_ours_kept():
                               'Metadata file does not exist: /x/_METADATA'))
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   handler = absl_logging.get_absl_handler()
+  stream = handler.python_handler.stream
   try:
     console.configure_logging(verbose=True)
     assert not any(isinstance(x, console.QuietLibrariesFilter)
@@ -138,7 +139,8 @@ def test_other_libraries_info_records_dropped_ours_kept():
     console.configure_logging(verbose=False)
     assert sum(isinstance(x, console.QuietLibrariesFilter)
                for x in handler.filters) == 1
-  finally:
+  finally:   # as it was, for the tests after this one
+    handler.python_handler.stream = stream
     for x in list(handler.filters):
       if isinstance(x, console.QuietLibrariesFilter):
         handler.removeFilter(x)
