@@ -23,11 +23,17 @@ setup(
         'matplotlib>=3.7',
         'Pillow>=10',
         'scipy>=1.10',
+        # jax.export's program serialization (python -m msrcnn_jax.export,
+        # predict --exported); jax does not require it.
+        'flatbuffers>=23.1',
     ],
     extras_require={
         # torch only reads mmdetection .pth files (CPU wheel is enough).
         'convert': ['torch>=2.0'],
         'tfds': ['tensorflow-cpu>=2.15', 'tensorflow-datasets>=4.9'],
+        # The SavedModel that python -m msrcnn_jax.export also writes
+        # (jax2tf); --nosaved-model needs no TensorFlow.
+        'export': ['tensorflow-cpu>=2.15'],
         'test': ['pytest>=7', 'pytest-xdist>=3', 'chex>=0.1.85'],
         # Deviceless compilation for an H200 (benchmarks/aot.py
         # --target=gpu): XLA's CUDA compiler and ptxas, no driver, GPU or CUDA

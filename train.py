@@ -9,10 +9,15 @@ r"""Trains Mask Scoring R-CNN (thin entry point over ``train_and_evaluate``).
 Any ``--config.<path>=<value>`` overrides a config key. Re-running with the
 same ``--workdir`` resumes from its newest checkpoint. On several hosts run the
 same command on every host (see README: TPU pod slices and multi-node GPU).
+
+The run ends with a summary (process 0): the steps and time, the evaluation
+metrics and the last logged training means as small tables, and the paths
+written (``summary``).
 """
 
 import os
 import sys
+import time
 
 from absl import app
 from absl import flags
@@ -45,6 +50,67 @@ _INIT_TIMEOUT = flags.DEFINE_integer(
     'Several processes: seconds to wait for all of them to join.')
 
 
+_AP_KEYS = ('mAP', 'mAP_50', 'mAP_75', 'mAP_s', 'mAP_m', 'mAP_l')
+_TRAIN_KEYS = ('loss', 'loss_rpn_cls', 'loss_rpn_bbox', 'loss_cls',
+               'loss_bbox', 'loss_mask', 'loss_mask_iou', 'lr', 'grad_norm',
+               'images_per_sec')
+
+
+def summary(workdir: str, metrics: dict, seconds: float) -> str:
+  """The end-of-run summary ``train.py`` prints.
+
+  Args:
+    workdir: the run's workdir.
+    metrics: ``trainer.train_and_evaluate``'s metrics (``train``, ``eval``,
+      ``steps``, optional ``preempted``).
+    seconds: wall time of the run.
+
+  Returns:
+    Lines: steps and time; COCO AP (bbox and segm columns) and the
+    mask-scoring correlations when evaluated; the last training means; the
+    paths written that exist.
+  """
+  from msrcnn_jax import console  # pylint: disable=g-import-not-at-top
+  minutes, secs = divmod(int(round(seconds)), 60)
+  state = 'stopped (preempted) at' if metrics.get('preempted') else 'done:'
+  lines = [f'Training {state} step {metrics.get("steps")} '
+           f'({minutes} min {secs:02d} s)']
+  ev = metrics.get('eval') or {}
+  if any(f'bbox_{k}' in ev for k in _AP_KEYS):
+    ap = lambda v: None if v is None else f'{float(v):.3f}'
+    lines += ['', console.table(
+        [(k, ap(ev.get(f'bbox_{k}')), ap(ev.get(f'segm_{k}')))
+         for k in _AP_KEYS], header=('COCO', 'bbox', 'segm'))]
+    ms = [(name, ap(ev.get(f'mask_scoring/pearson_{key}')),
+           ap(ev.get(f'mask_scoring/spearman_{key}')))
+          for name, key in (('predicted MaskIoU', 'maskiou'),
+                            ('box score', 'boxscore'))
+          if f'mask_scoring/pearson_{key}' in ev]
+    if ms:
+      lines += ['', console.table(
+          ms, header=('vs actual mask IoU', 'Pearson', 'Spearman'))]
+  tr = metrics.get('train') or {}
+  if tr:
+    lines += ['', 'last logged training means: ' + ', '.join(
+        f'{k} {float(tr[k]):.4g}' for k in _TRAIN_KEYS if k in tr)]
+  written = [
+      ('checkpoints', os.path.join(workdir, 'checkpoints')),
+      ('final variables', os.path.join(workdir, 'final')),
+      ('metrics', os.path.join(workdir, 'eval', 'metrics.json')),
+      ('mask-scoring report',
+       os.path.join(workdir, 'eval', 'mask_scoring_report.json')),
+      ('pictures', os.path.join(workdir, 'eval', 'vis')),
+      ('TensorBoard', workdir if any(
+          n.startswith('events.out.tfevents') for n in (
+              os.listdir(workdir) if os.path.isdir(workdir) else ())) else
+       ''),
+  ]
+  rows = [(k, p) for k, p in written if p and os.path.exists(p)]
+  if rows:
+    lines += ['', 'written:', console.table(rows)]
+  return '\n'.join(lines)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -71,9 +137,12 @@ def main(argv):
   # The detector task is imported lazily (it pulls in the whole model).
   from msrcnn_jax.training.task import DetectorTask  # pylint: disable=g-import-not-at-top
   task = DetectorTask(config, workdir)
+  start = time.time()
   _, metrics = trainer.train_and_evaluate(config, workdir, task=task)
-  logging.info('Final metrics: %s', {k: v for k, v in metrics.items()
-                                     if k != 'init_report'})
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    print(summary(os.path.abspath(workdir), metrics, time.time() - start),
+          flush=True)
 
 
 if __name__ == '__main__':

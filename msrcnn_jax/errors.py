@@ -9,16 +9,25 @@ dataset, a config or a checkpoint. The code that validates that input raises
 
 ``run(main)`` is the entry point of every command-line tool (``train.py``,
 ``convert_torch_weights.py``, ``python -m msrcnn_jax.predict`` and
-``msrcnn_jax.evaluate``): a user error, a bad flag or a config file that
-cannot be loaded ends in one ``error: ...`` line on stderr and exit status
-1, without a traceback. Any other exception is a programming error and keeps
-its traceback.
+``msrcnn_jax.evaluate``, ``msrcnn_jax.export``): a user error, a bad flag
+or a config file that cannot be loaded ends in one ``error: ...`` line on
+stderr, the last line of the output, and exit status 1, without a traceback.
+A message's context lines (e.g. one per mis-shaped variable) are printed
+above it; more than ``MAX_CONTEXT_LINES`` of them are summarised (the first
+few and a count) and written in full to a file the error line names. Any
+other exception is a programming error and keeps its traceback. ``--help``
+(and ``--helpfull``, ``--helpshort``) print the usage and exit 0. Once the
+flags are parsed, ``console.configure_logging`` quiets other libraries'
+logging (absl's ``--verbosity`` brings it back).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
+import tempfile
+import time
 from typing import Callable, Iterator, NoReturn, Sequence
 
 from absl import app
@@ -37,12 +46,73 @@ class ConfigError(UserError, ValueError):
   """A config value that cannot work (with the data or the devices)."""
 
 
-def _exit_with(message: str) -> NoReturn:
+# Context lines printed above an error line; past this many, the first
+# CONTEXT_SHOWN and a count are printed and the full message goes to a file.
+MAX_CONTEXT_LINES = 12
+CONTEXT_SHOWN = 5
+
+
+def _write_details(lines: Sequence[str]) -> str | None:
+  """Writes a long error message to a file; returns its path (None if no
+  file could be written)."""
+  name = f'msrcnn_jax-error-{time.strftime("%Y%m%d-%H%M%S")}-{os.getpid()}.txt'
+  for directory in (tempfile.gettempdir(), os.getcwd()):
+    path = os.path.join(directory, name)
+    try:
+      with open(path, 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+      return path
+    except OSError:
+      continue
+  return None
+
+
+def summarise_context(message: str) -> tuple[str, list[str]]:
+  """The error line and the context lines ``run`` prints above it.
+
+  A message is an error line and optional context lines: unindented
+  summary lines (``mis-shaped: 316``) and indented items (one per
+  variable). When there are more than ``MAX_CONTEXT_LINES`` context lines,
+  the summary lines and the first ``CONTEXT_SHOWN`` items are kept,
+  followed by ``... and N more``; the whole message is written to a file
+  (in the temporary directory) whose path ends the error line, which stays
+  self-contained (a trailing colon is dropped).
+
+  Args:
+    message: the exception's message.
+
+  Returns:
+    ``(error line without the 'error: ' prefix, context lines to print)``.
+  """
   lines = str(message).strip().splitlines() or ['(no message)']
+  first, context = lines[0], lines[1:]
+  if len(context) <= MAX_CONTEXT_LINES:
+    return first, context
+  shown, summaries, items, hidden = [], 0, 0, 0
+  for line in context:
+    if not line[:1].isspace() and summaries < MAX_CONTEXT_LINES:
+      shown.append(line)
+      summaries += 1
+    elif items < CONTEXT_SHOWN:
+      shown.append(line)
+      items += 1
+    else:
+      hidden += 1
+  path = _write_details(lines)
+  shown.append(f'  ... and {hidden} more' +
+               (f' (all in {path})' if path else ''))
+  first = first.rstrip().rstrip(':')
+  if path:
+    first += f' (full list: {path})'
+  return first, shown
+
+
+def _exit_with(message: str) -> NoReturn:
+  first, context = summarise_context(message)
   sys.stdout.flush()
-  for line in lines[1:]:
+  for line in context:
     print(line, file=sys.stderr)
-  print(f'error: {lines[0]}', file=sys.stderr)
+  print(f'error: {first}', file=sys.stderr)
   sys.stderr.flush()
   sys.exit(1)
 
@@ -75,19 +145,52 @@ def config_errors_reported() -> Iterator[None]:
                f'{_one_line(e)}')
 
 
+_HELP_FLAGS = frozenset(('help', 'h', '?', 'helpfull', 'helpshort',
+                         'helpxml'))
+
+
+def _asks_for_help(argv: Sequence[str]) -> bool:
+  for arg in argv[1:]:
+    if arg == '--':
+      break
+    if arg.startswith('-') and arg.lstrip('-').split('=')[0] in _HELP_FLAGS:
+      return True
+  return False
+
+
+def _config_file_not_found(flag) -> str | None:
+  """The missing file of a config-file flag whose load failed, if that is
+  why it failed (ml_collections says ``Failed loading config file ...``)."""
+  path = getattr(flag, '_config_filename', None)
+  if not isinstance(path, str) or not path:
+    return None
+  path = path.split(':', 1)[0]       # 'file.py:param' parameterised configs
+  return None if os.path.isfile(path) else path
+
+
 def _parse_flags(argv: Sequence[str]) -> list[str]:
-  """absl's flag parsing; bad flags and configs are user errors."""
+  """absl's flag parsing; bad flags and configs are user errors; the help
+  flags exit 0 (absl exits 1 after printing the usage)."""
   with config_errors_reported():
     try:
       rest = flags.FLAGS(argv)
     except flags.Error as e:
       _exit_with(f'{e} (pass --helpfull to see the flags)')
+    except SystemExit as e:
+      if e.code == 1 and _asks_for_help(argv):
+        sys.stdout.flush()
+        sys.exit(0)
+      raise
     for name in list(flags.FLAGS):
       # ml_collections keeps a config file's load error in a placeholder
       # value that raises it on first use; raise it now.
       load_error = getattr(flags.FLAGS[name].value, '__dict__', {}).get(
           '_error')
       if isinstance(load_error, BaseException):
+        missing = (_config_file_not_found(flags.FLAGS[name])
+                   if isinstance(load_error, OSError) else None)
+        if missing is not None:
+          _exit_with(f'config file not found: {missing} (--{name})')
         raise load_error
   return rest
 
@@ -100,6 +203,8 @@ def run(main: Callable[[list[str]], int | None]) -> None:
   """
 
   def guarded(argv):
+    from msrcnn_jax import console  # pylint: disable=g-import-not-at-top
+    console.configure_logging()
     try:
       return main(argv)
     except UserError as e:

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from msrcnn_jax import console
 from msrcnn_jax import errors
 from msrcnn_jax import serving
 from msrcnn_jax.inference import Predictor
@@ -106,7 +107,17 @@ def export_detector(config: ml_collections.ConfigDict, variables: Any,
   Raises:
     ValueError: an unknown dtype, a non-positive batch size, or output
       is a non-empty directory that is not an export.
+    errors.UserError: ``saved_model`` without TensorFlow installed.
   """
+  if saved_model:
+    try:
+      with console.native_notices_hidden():   # TensorFlow's oneDNN notice
+        import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+    except ImportError as e:
+      raise errors.UserError(
+          f'the SavedModel needs TensorFlow ({e}): pip install '
+          '"msrcnn-jax[export]" (or tensorflow-cpu), or pass '
+          '--nosaved-model') from e
   if dtype not in DTYPES:
     raise ValueError(f'--dtype {dtype!r}: one of {DTYPES}')
   if batch_size <= 0:
@@ -128,6 +139,37 @@ def export_detector(config: ml_collections.ConfigDict, variables: Any,
     return predictor.forward(jax.tree.unflatten(treedef, weights), image,
                              img_shape, pad_shape, scale_factor)
 
+  contract = dict(
+      format=serving.FORMAT,
+      config_name=config.get('name', ''),
+      batch_size=int(batch_size),
+      dtype=dtype,
+      platforms=list(platforms),
+      buckets=[list(b) for b in buckets],
+      programs={},
+      weights=serving.WEIGHTS_FILE,
+      num_weights=len(weights),
+      saved_model=serving.SAVED_MODEL_DIR if saved_model else None,
+      preprocess=dict(
+          resize='keep ratio, mmcv rescale_size to img_scale (long, '
+                 'short), cv2 INTER_LINEAR, from BGR uint8',
+          img_scale=list(d.img_scale), mean=list(d.mean), std=list(d.std),
+          to_rgb=bool(d.to_rgb), size_divisor=int(d.size_divisor),
+          pad='zeros at the bottom/right to the bucket'),
+      inputs={k: dict(shape=list(s.shape), dtype=str(s.dtype))
+              for k, s in zip(('image', 'img_shape', 'pad_shape',
+                               'scale_factor'),
+                              _input_specs(batch_size, ('H', 'W')))},
+      outputs=None,
+      postprocess=dict(mask_thr_binary=float(
+          config.test.rcnn.mask_thr_binary)),
+      class_names=list(d.class_names),
+      category_ids=[int(c) for c in d.category_ids])
+  # The program carries its contract: its name holds the contract's digest
+  # (serving.ExportedPredictor refuses a contract.json edited since).
+  detector.__name__ = serving.PROGRAM_PREFIX + serving.contract_digest(
+      json.loads(json.dumps(contract)))
+
   weight_specs = [jax.ShapeDtypeStruct(w.shape, w.dtype) for w in weights]
   parent = os.path.dirname(output)
   os.makedirs(parent, exist_ok=True)
@@ -148,32 +190,7 @@ def export_detector(config: ml_collections.ConfigDict, variables: Any,
         f.write(exp.serialize())
       outputs = jax.eval_shape(detector, weight_specs, *specs)
       logging.info('Exported bucket %s for %s', name, platforms)
-    contract = dict(
-        format=serving.FORMAT,
-        config_name=config.get('name', ''),
-        batch_size=int(batch_size),
-        dtype=dtype,
-        platforms=list(platforms),
-        buckets=[list(b) for b in buckets],
-        programs=programs,
-        weights=serving.WEIGHTS_FILE,
-        num_weights=len(weights),
-        saved_model=serving.SAVED_MODEL_DIR if saved_model else None,
-        preprocess=dict(
-            resize='keep ratio, mmcv rescale_size to img_scale (long, '
-                   'short), cv2 INTER_LINEAR, from BGR uint8',
-            img_scale=list(d.img_scale), mean=list(d.mean), std=list(d.std),
-            to_rgb=bool(d.to_rgb), size_divisor=int(d.size_divisor),
-            pad='zeros at the bottom/right to the bucket'),
-        inputs={k: dict(shape=list(s.shape), dtype=str(s.dtype))
-                for k, s in zip(('image', 'img_shape', 'pad_shape',
-                                 'scale_factor'),
-                                _input_specs(batch_size, ('H', 'W')))},
-        outputs=_describe(outputs),
-        postprocess=dict(mask_thr_binary=float(
-            config.test.rcnn.mask_thr_binary)),
-        class_names=list(d.class_names),
-        category_ids=[int(c) for c in d.category_ids])
+    contract.update(programs=programs, outputs=_describe(outputs))
     with open(os.path.join(tmp, serving.CONTRACT_FILE), 'w') as f:
       json.dump(contract, f, indent=2)
     if saved_model:

@@ -6,14 +6,24 @@ r"""Run a converted or trained MS R-CNN on images.
   python -m msrcnn_jax.predict --exported exported/r50 --output results.json \
       image1.jpg ...          # programs written by python -m msrcnn_jax.export
 
-Writes a JSON list with one entry per detection: ``image`` (file name),
+Writes a JSON list with one entry per detection: ``image`` (the file name;
+when two inputs share a file name, e.g. ``d1/x.png d2/x.png``, every image
+is named by its path relative to the inputs' common directory, see
+``image_names``),
 ``label`` (0..79), ``category_id``, ``bbox`` [x, y, w, h] in original pixels,
 ``score`` (box score), ``mask_iou`` (predicted MaskIoU), ``mask_score``
 (score x mask_iou) and ``segmentation`` (COCO RLE at the original size).
+``--vis-dir`` gets one picture per image, ``<name without extension>.png``
+(in subdirectories when names are relative paths; see ``picture_names``).
+
+Refused before any work, with one ``error:`` line: an ``--output`` that is a
+directory or whose directory does not exist, a ``--vis-dir`` that is a file,
+missing or unrecognised image files.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import sys
@@ -54,6 +64,61 @@ _VIS_THR = flags.DEFINE_float('vis-score-thr', 0.3,
                               'Box score threshold for the pictures.')
 
 
+def image_names(paths: Sequence[str]) -> list[str]:
+  """The names results.json and the pictures give the images.
+
+  The file names, when they are distinct; otherwise every image's path
+  relative to the common directory of all of them, with ``/`` separators
+  (``d1/x.png``, ``d2/x.png``), so that no two images share a name (a file
+  given twice keeps one name: it is the same image).
+
+  Args:
+    paths: the image paths as given.
+
+  Returns:
+    One name per path, in order.
+  """
+  base = [os.path.basename(p) for p in paths]
+  if len(set(base)) == len(base):
+    return base
+  absolute = [os.path.abspath(p) for p in paths]
+  root = os.path.commonpath([os.path.dirname(p) for p in absolute])
+  return [os.path.relpath(p, root).replace(os.sep, '/') for p in absolute]
+
+
+def picture_names(names: Sequence[str]) -> list[str]:
+  """``--vis-dir`` file names for ``image_names``: the name with ``.png``
+  for its extension (``d1/x.jpg`` -> ``d1/x.png``), or with ``.png``
+  appended where that would give two images one picture (``x.png`` and
+  ``x.jpg`` -> ``x.png.png``, ``x.jpg.png``)."""
+  stems = [os.path.splitext(n)[0] + '.png' for n in names]
+  taken = collections.Counter(stems)
+  return [s if taken[s] == 1 or s == n else n + '.png'
+          for s, n in zip(stems, names)]
+
+
+def check_outputs(output: str, vis_dir: str | None) -> None:
+  """Refuses output paths that cannot be written, before any work.
+
+  Raises:
+    errors.UserError: ``output`` is a directory, or its directory does not
+      exist or is not writable; ``vis_dir`` is an existing file.
+  """
+  if os.path.isdir(output):
+    raise errors.UserError(f'--output {output} is a directory; give the '
+                           'path of the JSON file to write')
+  parent = os.path.dirname(os.path.abspath(output))
+  if not os.path.isdir(parent):
+    raise errors.UserError(f'--output {output}: directory {parent} does not '
+                           'exist')
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise errors.UserError(f'--output {output}: directory {parent} is not '
+                           'writable')
+  if vis_dir and os.path.exists(vis_dir) and not os.path.isdir(vis_dir):
+    raise errors.UserError(f'--vis-dir {vis_dir} is a file, not a '
+                           'directory')
+
+
 def _check_images(paths: Sequence[str]) -> None:
   """Fails before any work on missing files and files whose header no
   OpenCV decoder recognises (images are decoded later, one batch at a
@@ -64,9 +129,8 @@ def _check_images(paths: Sequence[str]) -> None:
         f'image file not found: {", ".join(missing)}')
   unknown = [p for p in paths if not cv2.haveImageReader(p)]
   if unknown:
-    raise image_io.ImageReadError(
-        f'cannot decode image {", ".join(unknown)}: not an image format '
-        'OpenCV can read')
+    raise image_io.ImageReadError('cannot decode image ' + '; '.join(
+        f'{p}: {image_io.header_problem(p)}' for p in unknown))
 
 
 def main(argv: Sequence[str]) -> None:
@@ -80,6 +144,7 @@ def main(argv: Sequence[str]) -> None:
   if _EXPORTED.value is None and (config is None or _CHECKPOINT.value is None):
     raise app.UsageError('--config and --checkpoint (or --exported) are '
                          'required.')
+  check_outputs(_OUTPUT.value, _VIS_DIR.value)
   if _EXPORTED.value is None:
     build.validate_config(config)
   _check_images(paths)
@@ -94,10 +159,11 @@ def main(argv: Sequence[str]) -> None:
     predictor = Predictor(config, variables)
     batch_size = _BATCH_SIZE.value
   records = predictor.predict_images(paths, batch_size=batch_size)
+  names = image_names(paths)
+  for rec, name in zip(records, names):
+    rec['file_name'] = name
   entries = postprocess.records_to_prediction_json(
       records, config.data.category_ids)
-  out_dir = os.path.dirname(os.path.abspath(_OUTPUT.value))
-  os.makedirs(out_dir, exist_ok=True)
   tmp = _OUTPUT.value + '.tmp'
   with open(tmp, 'w') as f:
     json.dump(entries, f)
@@ -106,11 +172,10 @@ def main(argv: Sequence[str]) -> None:
         f'{_OUTPUT.value}')
   if _VIS_DIR.value:
     os.makedirs(_VIS_DIR.value, exist_ok=True)
-    for path, rec in zip(paths, records):
+    for path, rec, picture in zip(paths, records, picture_names(names)):
       rgb = image_io.imread(path)[..., ::-1]
-      name = os.path.splitext(os.path.basename(path))[0] + '.png'
       visualize.save_visualization(
-          os.path.join(_VIS_DIR.value, name), rgb, rec,
+          os.path.join(_VIS_DIR.value, *picture.split('/')), rgb, rec,
           class_names=config.data.class_names, score_thr=_VIS_THR.value)
     print(f'pictures -> {_VIS_DIR.value}')
 

@@ -105,6 +105,13 @@ def mismatch_lines(expected: Mapping[str, Shape], got: Mapping[str, Shape],
            f'{tuple(expected[k])}' for k in mis_shaped])
 
 
+def mismatch_counts(missing=(), unexpected=(), mis_shaped=()) -> str:
+  """``'2 missing, 316 mis-shaped variables'``: the non-zero counts."""
+  parts = [f'{len(v)} {name}' for v, name in ((missing, 'missing'), (
+      unexpected, 'unexpected'), (mis_shaped, 'mis-shaped')) if len(v)]
+  return (', '.join(parts) or 'no') + ' variables'
+
+
 def check_variables(expected: Mapping[str, Shape], variables: Any,
                     source: str = 'checkpoint', model: str = '?',
                     made_for: str | None = None) -> None:
@@ -126,10 +133,12 @@ def check_variables(expected: Mapping[str, Shape], variables: Any,
   missing, unexpected, mis_shaped = compare(expected, got)
   if not (missing or unexpected or mis_shaped):
     return
-  lines = [f'{source} does not fit config {model!r}:']
-  lines += mismatch_lines(expected, got, missing, unexpected, mis_shaped)
+  first = (f'{source} does not fit config {model!r}: '
+           f'{mismatch_counts(missing, unexpected, mis_shaped)}')
   if made_for and made_for != model:
-    lines.append(f'(the checkpoint was written for config {made_for!r})')
+    first += f' (the checkpoint was written for config {made_for!r})'
+  lines = [first] + mismatch_lines(expected, got, missing, unexpected,
+                                   mis_shaped)
   raise VariablesMismatchError('\n'.join(lines))
 
 
@@ -173,8 +182,10 @@ def merge_variables(init: Any, loaded: Any, skip_patterns: Iterable[str] = (),
       {k: v for k, v in ours.items() if k not in skip},
       {k: v for k, v in theirs.items() if k not in skip})
   if unexpected or mis_shaped or unused:
-    lines = [f'{source} does not fit the model (train.init_skip_patterns '
-             'lists what may be re-initialised):']
+    lines = [f'{source} does not fit the model: '
+             f'{mismatch_counts((), unexpected, mis_shaped)}'
+             + (f', {len(unused)} unused skip patterns' if unused else '')
+             + ' (train.init_skip_patterns lists what may be re-initialised)']
     lines += mismatch_lines(ours, theirs, (), unexpected, mis_shaped)
     lines += [f'  pattern {p!r} of train.init_skip_patterns matches no '
               'variable' for p in unused]

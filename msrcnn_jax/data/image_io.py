@@ -70,6 +70,23 @@ def truncation(content: bytes) -> str | None:
   return None
 
 
+def header_problem(path: str) -> str:
+  """Why a file whose header no OpenCV decoder recognises is not an image.
+
+  Reads at most the first 16 bytes. Returns ``'empty file (0 bytes)'``,
+  ``'corrupt or truncated <format> file'`` (a known signature, e.g. a PNG
+  cut inside its header) or ``'not an image format OpenCV can read'``.
+  """
+  with open(path, 'rb') as f:
+    head = f.read(16)
+  if not head:
+    return 'empty file (0 bytes)'
+  fmt = image_format(head)
+  if fmt is not None:
+    return f'corrupt or truncated {fmt} file'
+  return 'not an image format OpenCV can read'
+
+
 def imfrombytes(content: bytes, name: str = '<bytes>') -> np.ndarray:
   """Decodes encoded image bytes (PNG, JPEG, ...) as cv2 ``IMREAD_COLOR``.
 

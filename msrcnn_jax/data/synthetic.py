@@ -10,14 +10,25 @@ than ``min_visible`` pixels are dropped.
 
 Records have the format of ``msrcnn_jax.data.coco`` records, with the pixels
 in ``image`` (BGR uint8) and exact ``masks`` instead of a file path.
-``write_coco`` writes the same data as a COCO directory (PNG + RLE JSON).
+``write_coco`` writes the same data as a COCO directory (PNG + RLE JSON);
+from the command line::
+
+  python -m msrcnn_jax.data.synthetic --out DIR [--num-train 200]
+      [--num-val 20] [--seed 0] [--image-size 128] [--max-objects 4]
+      [--num-classes 3] [--train-split train] [--val-split val]
+
+writes ``DIR/annotations/instances_{train,val}.json`` and ``DIR/{train,val}/``
+(the layout ``data.source=coco`` reads) and prints the overrides that train
+on it.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-from typing import Any
+import sys
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
@@ -233,3 +244,64 @@ def write_coco(directory: str, split: str, n: int, cfg=None,
     json.dump(dict(images=images, annotations=anns,
                    categories=ds.categories), f)
   return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """``python -m msrcnn_jax.data.synthetic``: writes a COCO-format synthetic
+  dataset (train and val splits) and prints how to train on it.
+
+  Returns:
+    The exit status (0); argparse exits 2 on bad arguments, and an output
+    that cannot be written ends in one ``error:`` line and status 1.
+  """
+  parser = argparse.ArgumentParser(
+      prog='python -m msrcnn_jax.data.synthetic',
+      description='Write a COCO-format synthetic shapes dataset (PNG images, '
+                  'RLE masks): DIR/annotations/instances_<split>.json and '
+                  'DIR/<split>/.')
+  parser.add_argument('--out', required=True, help='dataset directory')
+  parser.add_argument('--num-train', type=int, default=200)
+  parser.add_argument('--num-val', type=int, default=20)
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--image-size', type=int, nargs='+', default=[128],
+                      metavar='N', help='H [W] (default 128 128)')
+  parser.add_argument('--max-objects', type=int, default=4)
+  parser.add_argument('--num-classes', type=int, default=3,
+                      help=f'1..{len(SHAPE_NAMES)}')
+  parser.add_argument('--train-split', default='train')
+  parser.add_argument('--val-split', default='val')
+  args = parser.parse_args(argv)
+  size = list(args.image_size) * (2 if len(args.image_size) == 1 else 1)
+  problems = [f'--{k} {v} must be >= {lo}' for k, v, lo in (
+      ('num-train', args.num_train, 0), ('num-val', args.num_val, 0),
+      ('max-objects', args.max_objects, 1), ('image-size', min(size), 16))
+              if v < lo]
+  if len(size) != 2:
+    problems.append('--image-size takes H or H W')
+  if not 1 <= args.num_classes <= len(SHAPE_NAMES):
+    problems.append(f'--num-classes must be in 1..{len(SHAPE_NAMES)}')
+  if problems:
+    parser.error('; '.join(problems))
+  cfg = dict(image_size=tuple(size), max_objects=args.max_objects,
+             num_classes=args.num_classes)
+  try:
+    for split, n in ((args.train_split, args.num_train),
+                     (args.val_split, args.num_val)):
+      path = write_coco(args.out, split, n, cfg, seed=args.seed)
+      print(f'{n} images -> {os.path.join(args.out, split)}, {path}')
+  except OSError as e:
+    print(f'error: cannot write the dataset to {args.out}: {e}',
+          file=sys.stderr)
+    return 1
+  print('train on it: python train.py --config.data.source=coco '
+        f'--config.data.coco_dir={os.path.abspath(args.out)} '
+        f'--config.data.train_split={args.train_split} '
+        f'--config.data.val_split={args.val_split}' +
+        ('' if args.num_classes == DEFAULT_CFG['num_classes'] else
+         f' (with a config of {args.num_classes} classes: model.num_classes, '
+         'data.category_ids, data.class_names)'))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

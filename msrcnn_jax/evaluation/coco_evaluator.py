@@ -206,8 +206,11 @@ def evaluate_coco(
     ev, text = run_cocoeval(coco_gt, list(results or []), metric,
                             img_ids=img_ids, cat_ids=cat_ids,
                             copy_results=copy_results)
-    if print_table:
-      print(f'Evaluating {metric}...\n{text}')
+    if print_table:   # the table, without pycocotools' progress chatter
+      print(f'COCO {metric}:\n' + '\n'.join(
+          line for line in text.splitlines()
+          if line.lstrip().startswith(('Average Precision',
+                                       'Average Recall'))))
     for i, item in enumerate(COCO_METRIC_NAMES):
       out[f'{metric}_{item}'] = float(f'{ev.stats[i]:.3f}')
     ap = ev.stats[:6]

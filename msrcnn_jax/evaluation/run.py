@@ -6,6 +6,8 @@ periodic/final evaluation of ``train.py`` run.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 from typing import Any
@@ -98,7 +100,8 @@ def coco_ground_truth(source) -> Any:
           zip(cat_ids, getattr(source, 'class_names', cat_ids))]
   coco = COCO()
   coco.dataset = dict(images=images, annotations=anns, categories=cats)
-  coco.createIndex()
+  with contextlib.redirect_stdout(io.StringIO()):   # 'creating index...'
+    coco.createIndex()
   return coco
 
 
@@ -185,8 +188,7 @@ def evaluate_model(config: ml_collections.ConfigDict, variables: dict,
   summary, log = scoring.report(
       load_results(evaluator.results_path('segm')), output_dir=output_dir,
       metrics=metrics, img_ids=evaluator.img_ids())
-  logging.info('%s', log)
-  print(log)
+  tqdm.tqdm.write(log)     # once, above any progress bar
   metrics['mask_scoring'] = summary
   if output_dir:
     # Keeps what the evaluator wrote there (coco_stats, num_images).

@@ -141,12 +141,12 @@ def nms_sorted(boxes: jnp.ndarray, valid: jnp.ndarray, iou_threshold: float,
       return new, jnp.any(new != st[0])
 
     keep, _ = jax.lax.while_loop(fp_cond, fp_body, (base, jnp.array(True)))
-    pos = count + jnp.cumsum(keep.astype(jnp.int32)) - 1
+    pos = count + jnp.cumsum(keep, dtype=jnp.int32) - 1
     dest = jnp.where(keep & (pos < k), pos, kp)  # kp = dropped
     kept_boxes = kept_boxes.at[dest].set(blk, mode='drop')
     kept_mask = kept_mask.at[dest].set(True, mode='drop')
     kept_pos = kept_pos.at[dest].set(start + ar, mode='drop')
-    count = jnp.minimum(count + jnp.sum(keep.astype(jnp.int32)), k)
+    count = jnp.minimum(count + jnp.sum(keep, dtype=jnp.int32), k)
     return b + 1, count, kept_boxes, kept_mask, kept_pos
 
   init = (jnp.int32(0), jnp.int32(0), jnp.zeros((kp, 4), jnp.float32),

@@ -340,7 +340,10 @@ def _train_and_evaluate(config, workdir, task, train_iter_fn, eval_fn):
       if jax.process_index() == 0:
         logging.info('Evaluating at step %d', done)
         eval_metrics = dict(eval_fn(state) or {})
-        logging.info('eval@%d: %s', done, eval_metrics)
+        logging.info('eval@%d: %s', done, ' '.join(
+            f'{k}={float(v):.4g}' for k, v in eval_metrics.items()
+            if k in ('bbox_mAP', 'segm_mAP') and np.isscalar(v)) or
+                     f'{len(eval_metrics)} metrics')
       else:
         logging.info('Waiting for process 0 to evaluate step %d', done)
       partitioning.wait_for_all_hosts(f'msrcnn_eval_{done}')
