@@ -405,6 +405,7 @@ _RANGES = {
     'data.img_scale': (_POS, 'each'),
     'data.size_divisor': (_POS_INT, ''),
     'data.flip_ratio': (_UNIT, ''),
+    'data.max_bad_image_fraction': (_UNIT, ''),
     'data.eval_num_buckets': (_NONNEG_INT, '0 = data.buckets'),
     'data.max_instances': (_POS_INT, ''),
     'data.gt_mask_crop_size': (_POS_INT, ''),
@@ -551,9 +552,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _refuse(d.source not in ('coco', 'tfds', 'synthetic'),
           f"data.source must be 'coco', 'tfds' or 'synthetic', got "
           f'{d.source!r}')
-  _refuse(not 0 <= d.max_bad_image_fraction <= 1,
-          'data.max_bad_image_fraction must be in [0, 1], got '
-          f'{d.max_bad_image_fraction!r}')
   _refuse(bool(d.coco_dir) and d.source != 'coco',
           f'data.coco_dir={d.coco_dir!r} does not apply with '
           f"data.source={d.source!r} (set data.source='coco')")

@@ -487,8 +487,8 @@ def test_bad_training_image_is_replaced_deterministically(caplog):
       e.value)
   cfg.data.max_bad_image_fraction = 1.5
   with pytest.raises(config_lib.ConfigError,
-                     match=r'data.max_bad_image_fraction must be in \[0, 1\], '
-                     'got 1.5'):
+                     match=r'data.max_bad_image_fraction=1.5: must be in '
+                     r'\[0, 1\]'):
     config_lib.validate(cfg)
 
 
