@@ -67,6 +67,8 @@ handle it where they agree, and refused where they crash late:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -423,7 +425,10 @@ def load_coco(ann_file: str):
     raise CocoFormatError(f'cannot parse {ann_file}: {e}') from e
   coco = COCO()
   coco.dataset = clean_dataset(dataset, ann_file)
-  coco.createIndex()
+  with contextlib.redirect_stdout(io.StringIO()):  # 'creating index...'
+    coco.createIndex()
+  logging.info('%s: %d images, %d annotations, %d categories', ann_file,
+               len(coco.imgs), len(coco.anns), len(coco.cats))
   return coco
 
 
