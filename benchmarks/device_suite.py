@@ -187,7 +187,8 @@ def parity_section(smoke: bool) -> list[dict[str, Any]]:
       records, _ = parity._run(set_name, images)  # pylint: disable=protected-access
       for name in images:
         ref = [e for e in results if e['image'] == f'{name}.png']
-        parity._assert_matches(ref, records[name])  # pylint: disable=protected-access
+        parity._assert_matches(ref, records[name],  # pylint: disable=protected-access
+                               conftest.PARITY_TOL[set_name])
       row['float32'] = 'pass'
     except AssertionError as e:
       row['float32'] = f'FAIL: {e}'

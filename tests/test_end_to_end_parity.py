@@ -5,10 +5,12 @@ our loader, preprocess, run the jitted detector and the host postprocess, and
 compare with what mmdetection wrote (``results.json`` and the npz stages):
 - >= 99.9% of mmdetection's proposals reproduced (IoU > 0.999);
 - every mmdetection detection matched by one of ours with the same label,
-  box IoU >= 0.999, |d score| <= 1e-4, |d mask_score| <= 1e-4 and pasted-mask
+  box IoU >= 0.999, |d score| and |d mask_score| within the set's measured
+  float32 bound (``conftest.PARITY_TOL``: 1e-4 to 5e-4) and pasted-mask
   IoU >= 0.99 (or at most one pixel different, for masks of a few dozen
   pixels), and as many detections as mmdetection;
-- MaskIoU of all 80 classes within 1e-4 relative.
+- MaskIoU of all 80 classes within the set's bound (1e-4 to 4e-4
+  relative).
 Then the same images batched together in a larger bucket give the same
 detections (padding to a bucket changes nothing).
 """
@@ -20,7 +22,8 @@ import numpy as np
 from pycocotools import mask as mask_utils
 import pytest
 
-from conftest import SET_IMAGES, fixture_config, fixture_path, load_npz, load_results
+from conftest import (PARITY_TOL, SET_IMAGES, fixture_config, fixture_path,
+                      load_npz, load_results)
 from msrcnn_jax import postprocess
 from msrcnn_jax.convert.mmdet import convert_checkpoint
 from msrcnn_jax.data import image_io, transforms
@@ -79,8 +82,12 @@ def _iou(a, b):
   return inter / (area(a)[:, None] + area(b)[None] - inter + 1e-12)
 
 
-def _assert_matches(ref_entries, rec):
-  """Every mmdetection entry of one image matched by one of our records."""
+def _assert_matches(ref_entries, rec, tol):
+  """Every mmdetection entry of one image matched by one of our records.
+
+  ``tol``: the set's ``conftest.PARITY_TOL`` entry (``score``,
+  ``mask_score``).
+  """
   assert len(rec['scores']) == len(ref_entries)
   ref_boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in
                         (e['bbox'] for e in ref_entries)], np.float64)
@@ -89,13 +96,13 @@ def _assert_matches(ref_entries, rec):
   for i, e in enumerate(ref_entries):
     cands = [j for j in np.argsort(-ious[i])
              if ious[i, j] >= 0.999 and rec['labels'][j] == e['label']
-             and abs(rec['scores'][j] - e['score']) <= 1e-4
+             and abs(rec['scores'][j] - e['score']) <= tol['score']
              and j not in used]
     assert cands, f'mmdetection detection {i} ({e["label"]}, {e["bbox"]}, ' \
                   f'{e["score"]:.5f}) has no match'
     j = cands[0]
     used.add(j)
-    assert abs(rec['mask_scores'][j] - e['mask_score']) <= 1e-4
+    assert abs(rec['mask_scores'][j] - e['mask_score']) <= tol['mask_score']
     ours, ref = rec['masks'][j], e['segmentation']
     m_iou = mask_utils.iou([ours], [ref], [0])[0, 0]
     inter = mask_utils.area(mask_utils.merge([ours, ref], intersect=True))
@@ -112,7 +119,7 @@ def test_detections_match_mmdetection(set_name):
   results = load_results(set_name)
   for name in images:
     ref = [e for e in results if e['image'] == f'{name}.png']
-    _assert_matches(ref, records[name])
+    _assert_matches(ref, records[name], PARITY_TOL[set_name])
     npz = load_npz(set_name, name)
     # Proposals: >= 99.9% of mmdetection's reproduced with IoU > 0.999.
     ours = raw[name]['proposals'][raw[name]['proposal_valid']]
@@ -125,7 +132,8 @@ def test_detections_match_mmdetection(set_name):
                                 raw[name]['boxes'])[0])) for i in range(k)]
     got = raw[name]['mask_iou_all'][order]
     ref = npz['mask_iou_pred']
-    assert np.abs(got - ref).max() / np.abs(ref).max() <= 1e-4
+    rel = np.abs(got - ref).max() / np.abs(ref).max()
+    assert rel <= PARITY_TOL[set_name]['mask_iou'], rel
 
 
 def test_bucket_and_batch_do_not_change_detections():
