@@ -44,7 +44,8 @@ COMMON = ['--config.train.global_batch_size=4',
           '--config.train.keep_checkpoints=5',
           '--config.data.synthetic.num_train=16',
           '--config.data.synthetic.num_val=3',
-          '--config.num_vis_images=2']
+          '--config.num_vis_images=2',
+          '--verbosity=1']  # the 'read records' lines
 _RECORDS = re.compile(r'step (\d+): host (\d+) of (\d+) read records ([\d ]+)')
 
 pytestmark = pytest.mark.slow

@@ -364,7 +364,9 @@ def _train_and_evaluate(config, workdir, task, train_iter_fn, eval_fn):
       records = getattr(source_iter, 'last_record_indices', None)
       if records is not None and (step_idx == start or
                                   (step_idx + 1) % log_every == 0):
-        logging.info('step %d: host %d of %d read records %s', step_idx,
+        # Which records each host read (resume and sharding checks, e.g.
+        # tests/test_multiprocess.py): shown with --verbosity=1.
+        logging.vlog(1, 'step %d: host %d of %d read records %s', step_idx,
                      jax.process_index(), jax.process_count(),
                      ' '.join(str(int(i)) for i in records))
       t0 = time.time() if step_idx == start else None
