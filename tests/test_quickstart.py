@@ -3,7 +3,11 @@
 Runs the real entry point (quickstart config) for a few dozen steps in a
 subprocess, then checks that the loss fell, that the run left checkpoints,
 TensorBoard events, metrics.json with mmdetection's keys, the mask-scoring
-report and pictures, and that rerunning the command resumes.
+report and pictures, and that rerunning the command resumes. The first run's
+console is also checked as a person reads it: no third-party INFO lines
+(orbax, JAX's backend probe), the mask-scoring summary once, no log line glued
+to the progress bar, and the closing summary (AP table, paths written) last
+instead of a Python dict.
 """
 
 import json
@@ -30,13 +34,14 @@ def _train(workdir, steps):
                         timeout=900, env=dict(os.environ, JAX_PLATFORMS='cpu'))
   out = proc.stdout + proc.stderr
   assert proc.returncode == 0, out[-4000:]
-  return out
+  return proc
 
 
 @pytest.mark.slow
 def test_quickstart_trains_evaluates_and_resumes(tmp_path):
   workdir = str(tmp_path / 'qs')
-  out = _train(workdir, 40)
+  proc = _train(workdir, 40)
+  out = proc.stdout + proc.stderr
   losses = [float(v) for v in re.findall(r'step \d+/\d+ .*? loss=([0-9.]+)',
                                          out)]
   assert len(losses) == 8, out[-3000:]
@@ -57,6 +62,19 @@ def test_quickstart_trains_evaluates_and_resumes(tmp_path):
     assert os.path.isfile(os.path.join(eval_dir, name)), name
   assert len(os.listdir(os.path.join(eval_dir, 'vis'))) == 2
 
+  # The console, as a person reads it.
+  for noise in ('orbax', 'checkpoint_manager.py', 'async_checkpointer.py',
+                'Unable to initialize backend', "Final metrics: {'train'",
+                'creating index'):
+    assert noise not in out, noise
+  assert out.count('Mask scoring over') == 1
+  for line in proc.stderr.splitlines():  # log lines start their own line
+    assert 'step/s]I' not in line and 'step/s]W' not in line, line
+  lines = proc.stdout.strip().splitlines()
+  assert lines[-1].split() == ['TensorBoard', workdir]
+  assert 'Training done: step 40' in proc.stdout
+  assert any(l.split()[:1] == ['mAP'] for l in lines)
+
   # The same command with a longer schedule resumes from step 40.
-  out = _train(workdir, 45)
-  assert 'Resuming from step 40' in out, out[-3000:]
+  proc = _train(workdir, 45)
+  assert 'Resuming from step 40' in proc.stdout + proc.stderr

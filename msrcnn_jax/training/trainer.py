@@ -9,7 +9,9 @@ restart the data iterator at the saved data position ("Resuming from step
 N"); otherwise initialise the model (and merge ``train.init_checkpoint`` if
 set). Loop: one jitted step per global batch; every step's scalar metrics are
 fetched one step late (so the device never idles) and checked for NaN/Inf;
-console + TensorBoard every ``log_every_steps``; checkpoints every
+TensorBoard every ``log_every_steps``, and the console's metric line at about
+ten of those steps per run (``console_log_every``; all of them with
+``--verbosity=1``; the progress bar shows the latest); checkpoints every
 ``checkpoint_every_steps`` and at the end; at the end also the final
 variables in the converter's format (``<workdir>/final``); ``eval_fn(state)``
 every ``eval_every_steps`` and at the end. ``predict``/``evaluate`` take the
@@ -164,6 +166,16 @@ def _progress(total: int, initial: int):
               disable=jax.process_index() != 0, desc='train', unit='step')
 
 
+def console_log_every(log_every: int, steps: int) -> int:
+  """Steps between the console's metric lines: about ten per run.
+
+  A multiple of ``log_every`` (TensorBoard keeps every log step), e.g. 140
+  for the quickstart's 1400 steps logged every 20, and ``log_every`` itself
+  for runs of up to about 15 log steps.
+  """
+  return log_every * max(1, round(steps / log_every / 10))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str,
                        task: Any = None,
@@ -304,6 +316,7 @@ def _train_and_evaluate(config, workdir, task, train_iter_fn, eval_fn):
                  optimizer_lib.steps_per_epoch(config))
 
     log_every = max(int(t.log_every_steps), 1)
+    console_every = console_log_every(log_every, total - start)
     ckpt_every = int(t.checkpoint_every_steps)
     eval_every = int(t.eval_every_steps)
     mlog = _MetricLog()
@@ -399,7 +412,8 @@ def _train_and_evaluate(config, workdir, task, train_iter_fn, eval_fn):
                          lr=f'{train_means.get("lr", np.nan):.2e}',
                          gnorm=f'{train_means.get("grad_norm", np.nan):.2f}',
                          ips=f'{train_means["images_per_sec"]:.1f}')
-        logging.info(
+        logging.vlog(
+            0 if done % console_every == 0 or done == total else 1,
             'step %d/%d %s eta %s', done, total,
             ' '.join(f'{k}={v:.4g}' for k, v in sorted(train_means.items())),
             time.strftime('%H:%M:%S', time.gmtime(eta)) if eta < 86400 else
