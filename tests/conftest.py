@@ -62,6 +62,21 @@ PARITY_TOL = {
 }
 
 
+def assert_one_error_line(proc, *needles):
+  """A user error as the command-line contract wants it: exit status 1, no
+  traceback, one ``error: ...`` line, the last non-empty line of stderr,
+  naming every one of ``needles``. Returns that line."""
+  err = proc.stderr
+  assert proc.returncode == 1, (proc.returncode, err[-3000:])
+  assert 'Traceback' not in err, err[-3000:]
+  lines = [l for l in err.splitlines() if l.strip()]
+  errs = [l for l in lines if l.startswith('error: ')]
+  assert len(errs) == 1 and lines[-1] == errs[0], err[-3000:]
+  for n in needles:
+    assert n in errs[0], (n, errs[0])
+  return errs[0]
+
+
 def fixture_path(*parts):
   return os.path.join(FIXTURES, *parts)
 

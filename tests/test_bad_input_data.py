@@ -52,6 +52,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 import pytest
 
+from conftest import assert_one_error_line
 from msrcnn_jax import config as config_lib
 from msrcnn_jax.data import coco, image_io, pipeline, transforms
 from msrcnn_jax.errors import UserError
@@ -551,18 +552,6 @@ def _train(coco_dir, workdir):
       check=False)
 
 
-def _one_error_line(proc, *needles):
-  err = proc.stderr
-  assert proc.returncode == 1, (proc.returncode, err[-3000:])
-  assert 'Traceback' not in err, err[-3000:]
-  lines = [l for l in err.splitlines() if l.strip()]
-  errs = [l for l in lines if l.startswith('error: ')]
-  assert len(errs) == 1 and lines[-1] == errs[0], err[-3000:]
-  for n in needles:
-    assert n in errs[0], (n, errs[0])
-  return errs[0]
-
-
 def _saved_steps(workdir):
   ckpt = workdir / 'checkpoints'
   return sorted(p.name for p in ckpt.iterdir()) if ckpt.is_dir() else []
@@ -570,13 +559,13 @@ def _saved_steps(workdir):
 
 def test_cli_bad_files_stop_before_any_step(tmp_path):
   proc = _train(_case('coco_zero_byte_val'), tmp_path / 'z')
-  _one_error_line(proc, 'are empty (0 bytes)',
+  assert_one_error_line(proc, 'are empty (0 bytes)',
                   'coco_zero_byte_val/val/000000.png (image 1)')
   assert not _saved_steps(tmp_path / 'z')
   # All 4 training images are in the first batch of 8: the truncated one
   # is found before the first step; 1 of 4 is more than 0.01 allows.
   proc = _train(_case('coco_truncated_jpeg'), tmp_path / 't')
-  _one_error_line(proc, 'corrupt or truncated',
+  assert_one_error_line(proc, 'corrupt or truncated',
                   'coco_truncated_jpeg/train/000000.jpg (image 1)',
                   'data.max_bad_image_fraction=0.01')
   assert 'First step' not in proc.stderr

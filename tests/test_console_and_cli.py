@@ -40,6 +40,8 @@ import cv2
 import numpy as np
 import pytest
 
+from conftest import assert_one_error_line
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -50,16 +52,6 @@ def _run(*args, timeout=600):
   return subprocess.run([sys.executable, *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout,
                         check=False)
-
-
-def _assert_one_error_line(proc, *needles):
-  assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
-  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
-  last = proc.stderr.strip().splitlines()[-1]
-  assert last.startswith('error: '), proc.stderr[-3000:]
-  for n in needles:
-    assert n in last, (n, last)
-  return last
 
 
 # ------------------------------------------------------------------ predict
@@ -206,7 +198,7 @@ def test_help_exits_0_and_missing_config_is_named(tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert '--workdir' in proc.stdout
   missing = str(tmp_path / 'no_such_config.py')
-  _assert_one_error_line(_run('train.py', f'--config={missing}'))
+  assert_one_error_line(_run('train.py', f'--config={missing}'))
   assert _run('train.py', f'--config={missing}').stderr.strip() == (
       f'error: config file not found: {missing} (--config)')
 
@@ -367,6 +359,6 @@ def test_predict_exported_names_pictures_and_edited_contract(exported,
   edited = _edited_copy(exported, str(tmp_path / 'edited'), mean)
   proc = _run('-m', 'msrcnn_jax.predict', '--exported', edited, '--output',
               str(tmp_path / 'r2.json'), *paths)
-  _assert_one_error_line(proc, 'contract.json is not the contract',
+  assert_one_error_line(proc, 'contract.json is not the contract',
                          'it was edited', 'restore it or re-export')
   assert not (tmp_path / 'r2.json').exists()

@@ -42,7 +42,7 @@ from pycocotools.cocoeval import COCOeval
 import pytest
 import torch
 
-from conftest import fixture_config, fixture_path
+from conftest import assert_one_error_line, fixture_config, fixture_path
 from msrcnn_jax import errors
 from msrcnn_jax.config import ms_rcnn_config
 from msrcnn_jax.convert import mmdet
@@ -412,19 +412,6 @@ def _cli(*args, timeout=600):
                         check=False)
 
 
-def _one_error_line(proc, *needles):
-  """Exit 1, no traceback, one ``error:`` line (the last) naming needles."""
-  err = proc.stderr
-  assert proc.returncode == 1, (proc.returncode, err[-3000:])
-  assert 'Traceback' not in err, err[-3000:]
-  lines = [l for l in err.splitlines() if l.strip()]
-  errs = [l for l in lines if l.startswith('error: ')]
-  assert len(errs) == 1 and lines[-1] == errs[0], err[-3000:]
-  for n in needles:
-    assert n in errs[0], (n, errs[0])
-  return errs[0]
-
-
 def _train(coco_dir, *extra):
   return _cli('train.py', '--config', 'configs/quickstart_synthetic.py',
               '--config.data.source=coco', f'--config.data.coco_dir={coco_dir}',
@@ -435,19 +422,19 @@ def _train(coco_dir, *extra):
 
 @pytest.mark.slow
 def test_cli_dataset_errors_are_one_line(tmp_path):
-  _one_error_line(_train(_case('zero_ann_dataset'),
+  assert_one_error_line(_train(_case('zero_ann_dataset'),
                          f'--workdir={tmp_path / "z"}'),
                   'no usable training annotation', 'instances_train.json',
                   'ids 1, 2')
-  _one_error_line(_train(_case('missing_image_file'),
+  assert_one_error_line(_train(_case('missing_image_file'),
                          f'--workdir={tmp_path / "m"}'),
                   'image files of', 'img102.png (image 102)')
-  _one_error_line(_cli('-m', 'msrcnn_jax.evaluate', '--config',
+  assert_one_error_line(_cli('-m', 'msrcnn_jax.evaluate', '--config',
                        'configs/quickstart_synthetic.py', '--checkpoint',
                        str(tmp_path / 'not_read'), '--coco-dir',
                        _case('exif_rotation'), '--split', 'val'),
                   'rotated.jpg (image 101)', 'EXIF Orientation=6')
-  _one_error_line(_train(str(tmp_path / 'nowhere'),
+  assert_one_error_line(_train(str(tmp_path / 'nowhere'),
                          f'--workdir={tmp_path / "n"}'),
                   'COCO directory not found', 'nowhere')
 
@@ -456,14 +443,14 @@ def test_cli_dataset_errors_are_one_line(tmp_path):
 def test_cli_config_checkpoint_and_path_errors_are_one_line(tmp_path):
   # Config mistakes: a typo in an override of the default config, a
   # missing config file, an unknown data source, an unparsable value.
-  _one_error_line(_cli('train.py', '--config.train.max_step=5'),
+  assert_one_error_line(_cli('train.py', '--config.train.max_step=5'),
                   'unknown config key train.max_step',
                   'did you mean train.max_steps')
-  _one_error_line(_cli('train.py', '--config', str(tmp_path / 'nope.py')),
+  assert_one_error_line(_cli('train.py', '--config', str(tmp_path / 'nope.py')),
                   'nope.py', 'No such file')
-  _one_error_line(_cli('train.py', '--config.train.max_steps=abc'),
+  assert_one_error_line(_cli('train.py', '--config.train.max_steps=abc'),
                   '--config.train.max_steps=abc')
-  _one_error_line(_cli('train.py', '--config.data.source=cocoa',
+  assert_one_error_line(_cli('train.py', '--config.data.source=cocoa',
                        f'--workdir={tmp_path / "w"}'),
                   "data.source must be 'coco', 'tfds' or 'synthetic', got "
                   "'cocoa'")
@@ -480,16 +467,16 @@ def test_cli_config_checkpoint_and_path_errors_are_one_line(tmp_path):
                  '\n')
   proc = _cli('convert_torch_weights.py', '--config', str(cfg),
               '--checkpoint', pth, '--output', str(tmp_path / 'out'))
-  _one_error_line(proc, 'checkpoint_81cls.pth', 'heads are for 81 classes',
+  assert_one_error_line(proc, 'checkpoint_81cls.pth', 'heads are for 81 classes',
                   'builds heads for 80 classes')
   assert 'v1.x' not in proc.stderr and 'mis-shaped: 8' in proc.stderr
   assert not (tmp_path / 'out').exists()
   # A missing image and a missing checkpoint directory.
-  _one_error_line(_cli('-m', 'msrcnn_jax.predict', '--config', str(cfg),
+  assert_one_error_line(_cli('-m', 'msrcnn_jax.predict', '--config', str(cfg),
                        '--checkpoint', str(tmp_path / 'out'),
                        str(tmp_path / 'gone.png')),
                   'image file not found', 'gone.png')
-  _one_error_line(_cli('-m', 'msrcnn_jax.predict', '--config', str(cfg),
+  assert_one_error_line(_cli('-m', 'msrcnn_jax.predict', '--config', str(cfg),
                        '--checkpoint', str(tmp_path / 'out'),
                        fixture_path('chelsea.png')),
                   'checkpoint directory not found', 'out')
@@ -503,7 +490,7 @@ def test_run_reports_user_errors_and_keeps_programming_tracebacks():
             '  return {}["bug"]\n'
             'errors.run(main)\n')
   user = _cli('-c', script, 'user')
-  assert _one_error_line(user) == 'error: bad input x.json (id 3)'
+  assert assert_one_error_line(user) == 'error: bad input x.json (id 3)'
   assert user.stderr.splitlines()[0] == 'context'
   bug = _cli('-c', script, 'bug')
   assert bug.returncode != 0 and 'Traceback' in bug.stderr
