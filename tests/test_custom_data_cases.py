@@ -447,7 +447,7 @@ def test_cli_config_checkpoint_and_path_errors_are_one_line(tmp_path):
                   'unknown config key train.max_step',
                   'did you mean train.max_steps')
   assert_one_error_line(_cli('train.py', '--config', str(tmp_path / 'nope.py')),
-                  'nope.py', 'No such file')
+                  'config file not found', 'nope.py')
   assert_one_error_line(_cli('train.py', '--config.train.max_steps=abc'),
                   '--config.train.max_steps=abc')
   assert_one_error_line(_cli('train.py', '--config.data.source=cocoa',
