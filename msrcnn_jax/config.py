@@ -113,6 +113,12 @@ def ms_rcnn_config(*,
       anchor_strides=[4, 8, 16, 32, 64],
       target_stds=[1.0, 1.0, 1.0, 1.0])
   m.roi_head = ml_collections.ConfigDict()
+  # mmdetection's roi_head.type: 'MaskScoringRoIHead' (MS R-CNN: box, mask
+  # and MaskIoU heads) or 'StandardRoIHead' (Mask R-CNN: no MaskIoU head, no
+  # parameters or loss for it; mask_iou = 1 and mask_scores = box scores, as
+  # mmdetection's StandardRoIHead scores its masks). With StandardRoIHead the
+  # mask_iou_head keys and train.loss_weights.mask_iou do not apply.
+  m.roi_head.type = 'MaskScoringRoIHead'
   m.roi_head.featmap_strides = [4, 8, 16, 32]
   m.roi_head.finest_scale = 56
   # Static cap on RoIAlign's adaptive sample count per bin side (spec §5.9):
@@ -195,6 +201,11 @@ def ms_rcnn_config(*,
   d.tfds_name = 'coco_instance_masks'
   d.tfds_data_dir = ''
   d.img_scale = (1333, 800)   # (long, short) edge limits, keep ratio
+  # Multi-scale training (mmdetection's mstrain configs): per training image
+  # one (long, short) scale drawn uniformly from this list (deterministic in
+  # seed, epoch and image); each at most img_scale, so the image fits the
+  # bucket chosen at img_scale. Empty: every image at img_scale.
+  d.train_img_scales = ()
   d.size_divisor = 32
   norm = CAFFE_NORM if style == 'caffe' else PYTORCH_NORM
   d.mean = norm['mean']
@@ -225,6 +236,67 @@ def ms_rcnn_config(*,
   # Pictures of predictions written after the final evaluation.
   c.num_vis_images = 0
   return c
+
+
+ROI_HEAD_TYPES = ('MaskScoringRoIHead', 'StandardRoIHead')
+
+
+def has_mask_iou_head(config: ml_collections.ConfigDict) -> bool:
+  """Whether the model of ``config`` (full config or its ``model`` node)
+  has a MaskIoU head: ``model.roi_head.type == 'MaskScoringRoIHead'``
+  (absent: True, configs written before the key existed)."""
+  m = config.model if 'model' in config else config
+  return m.roi_head.get('type', 'MaskScoringRoIHead') == 'MaskScoringRoIHead'
+
+
+def mask_rcnn_config(*,
+                     name: str = 'mask_rcnn_r50_caffe_fpn_1x_coco',
+                     depth: int = 50,
+                     style: str = 'caffe',
+                     groups: int = 1,
+                     base_width: int = 64,
+                     schedule: str = '1x',
+                     multiscale: str = '') -> ml_collections.ConfigDict:
+  """Returns the full config of a released mmdetection Mask R-CNN model.
+
+  :func:`ms_rcnn_config` with ``model.roi_head.type = 'StandardRoIHead'``
+  (mmdetection's ``MaskRCNN``: the same backbone, FPN, RPN, box and mask
+  heads, no MaskIoU head).
+
+  Args:
+    name, depth, style, groups, base_width: as :func:`ms_rcnn_config`.
+    schedule: '1x' (12 epochs), '2x' (24) or '3x' (36, lr steps at 27 and
+      33: mmdetection's ``*_mstrain-poly_3x`` configs).
+    multiscale: '' (one scale, 1333x800), 'value' (short side drawn per
+      training image from ``MSTRAIN_SHORT_SIDES``: mmdetection's
+      ``Resize(img_scale=[(1333, 640), (1333, 672), ..., (1333, 800)],
+      multiscale_mode='value')``) or 'range' (short side uniform in
+      [640, 800]: ``Resize(img_scale=[(1333, 640), (1333, 800)],
+      multiscale_mode='range')``), as ``data.train_img_scales``.
+  """
+  if schedule not in ('1x', '2x', '3x'):
+    raise ValueError(f'schedule must be 1x, 2x or 3x, got {schedule!r}')
+  c = ms_rcnn_config(name=name, depth=depth, style=style, groups=groups,
+                     base_width=base_width,
+                     schedule='1x' if schedule == '3x' else schedule)
+  c.model.roi_head.type = 'StandardRoIHead'
+  if schedule == '3x':
+    c.train.epochs = 36
+    c.train.lr_steps_epochs = [27, 33]
+  if multiscale == 'value':
+    c.data.train_img_scales = tuple((1333, s) for s in MSTRAIN_SHORT_SIDES)
+  elif multiscale == 'range':
+    c.data.train_img_scales = tuple((1333, s) for s in range(640, 801))
+  elif multiscale:
+    raise ValueError(f"multiscale must be '', 'value' or 'range', got "
+                     f'{multiscale!r}')
+  return c
+
+
+# The short sides of mmdetection's mstrain 1x/2x configs (Resize with
+# multiscale_mode='value'); the 3x configs draw every integer in [640, 800]
+# (multiscale_mode='range' between (1333, 640) and (1333, 800)).
+MSTRAIN_SHORT_SIDES = (640, 672, 704, 736, 768, 800)
 
 
 # ------------------------------------------------------------- validation
@@ -339,6 +411,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f'train.rcnn.mask_size is {t.rcnn.mask_size} but the mask head '
           f'predicts 2 x mask_roi_extractor.output_size = '
           f'{2 * r.mask_roi_extractor.output_size}')
+  _refuse(r.type not in ROI_HEAD_TYPES,
+          f'model.roi_head.type must be one of {ROI_HEAD_TYPES}, got '
+          f'{r.type!r}')
+  if r.type == 'StandardRoIHead':
+    for path in ('model.roi_head.mask_iou_head.num_convs',
+                 'model.roi_head.mask_iou_head.num_fcs',
+                 'model.roi_head.mask_iou_head.conv_out_channels',
+                 'model.roi_head.mask_iou_head.fc_out_channels',
+                 'train.loss_weights.mask_iou'):
+      _refuse(got[path] != schema[path],
+              f'{path}={got[path]!r} does not apply with model.roi_head.type='
+              "'StandardRoIHead' (Mask R-CNN has no MaskIoU head; set "
+              "model.roi_head.type='MaskScoringRoIHead' to add one)")
+  for scale in d.train_img_scales:
+    _refuse(len(scale) != 2 or min(scale) < 1
+            or max(scale) > max(d.img_scale)
+            or min(scale) > min(d.img_scale),
+            f'data.train_img_scales holds {tuple(scale)!r}: each entry is a '
+            '(long, short) pair of positive sides at most data.img_scale='
+            f'{tuple(d.img_scale)} (the bucket is chosen at img_scale)')
   _refuse(d.source not in ('coco', 'tfds', 'synthetic'),
           f"data.source must be 'coco', 'tfds' or 'synthetic', got "
           f'{d.source!r}')
