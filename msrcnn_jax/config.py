@@ -191,6 +191,13 @@ def ms_rcnn_config(*,
   # each logged with both shapes); any other mismatch is an error. Fine-tune
   # to another class count with FINETUNE_SKIP_PATTERNS.
   t.init_skip_patterns = ()
+  # Regexes (re.search on 'params/roi_head/mask_iou_head/fc_mask_iou/kernel')
+  # of the parameters to train; empty = every parameter mmdetection trains.
+  # When set, everything else is frozen (bit-identical after training, no
+  # optimizer state): e.g. ('^params/roi_head/mask_iou_head/',) trains a
+  # MaskIoU head added to a converted Mask R-CNN (README "Add mask scoring
+  # to a Mask R-CNN").
+  t.trainable_patterns = ()
 
   # ----------------------------------------------------------------- data
   d = c.data = ml_collections.ConfigDict()
@@ -451,6 +458,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _refuse(bool(t.init_skip_patterns) and not t.init_checkpoint,
           f'train.init_skip_patterns={tuple(t.init_skip_patterns)} does not '
           'apply without train.init_checkpoint')
+  for pattern in t.trainable_patterns:
+    try:
+      re.compile(pattern)
+    except (re.error, TypeError) as e:
+      raise ConfigError(f'train.trainable_patterns: {pattern!r} is not a '
+                        f'regular expression ({e})') from None
   _refuse(t.compute_dtype not in ('float32', 'bfloat16'),
           "train.compute_dtype must be 'float32' or 'bfloat16', got "
           f'{t.compute_dtype!r}')
