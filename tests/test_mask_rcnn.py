@@ -17,7 +17,8 @@ family beside Mask Scoring R-CNN (issue 16, items 1-3).
   deterministic and covers the list; a smaller training scale keeps the
   bucket.
 - The evaluation report of a model without a MaskIoU head says so.
-Cost: about 10 s (shape evaluation only, nothing compiled).
+Cost: about 10 s on a quiet VM, 20 s under load (shape evaluation only,
+nothing compiled).
 """
 
 import functools

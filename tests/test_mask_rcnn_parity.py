@@ -17,7 +17,8 @@ stage by stage and with ``results.json``:
   and as many detections;
 - mask head logits of the predicted class, within 1e-4 relative;
 - ``mask_iou`` is 1 and ``mask_scores`` equal ``scores`` exactly.
-Cost: about 40 s (two detector compilations on the CPU).
+Cost: about 35 s on a quiet VM, 55 s under load (two detector compilations
+on the CPU).
 """
 
 import functools

@@ -10,7 +10,9 @@ component into the previous one with '_', rename the leaf: conv/linear
 Loading is strict (unlike mmcv's ``load_checkpoint``, spec §4): every missing,
 unexpected and mis-shaped tensor is listed and conversion fails with
 ``ConversionError`` unless everything maps. 2019 v1.x checkpoints (spec §4.3)
-are refused with an explanation.
+are refused with an explanation. Mask R-CNN checkpoints (no
+``roi_head.mask_iou_head.*``) convert with a ``StandardRoIHead`` config; a
+checkpoint of the other family is named as such (``family_note``).
 """
 
 from __future__ import annotations
