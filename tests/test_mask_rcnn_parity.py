@@ -51,7 +51,7 @@ def mask_rcnn_fixture_config(set_name):
       name=ref['name'], depth=bb['depth'], style=bb['style'],
       groups=bb.get('groups', 1), base_width=bb.get('base_width', 64))
   m = cfg.model
-  m.backbone.base_channels = bb['base_channels']
+  m.backbone.base_channels = bb.get('base_channels', 64)
   m.neck.in_channels = list(ref['model']['neck']['in_channels'])
   m.neck.out_channels = m.rpn_head.feat_channels = (
       ref['model']['neck']['out_channels'])
@@ -61,6 +61,9 @@ def mask_rcnn_fixture_config(set_name):
       'conv_out_channels']
   scale = [p for p in ref['test_pipeline'] if p['type'] == 'MultiScaleFlipAug']
   cfg.data.img_scale = tuple(scale[0]['img_scale'])
+  norm = [t for t in scale[0]['transforms'] if t['type'] == 'Normalize'][0]
+  cfg.data.mean, cfg.data.std = tuple(norm['mean']), tuple(norm['std'])
+  cfg.data.to_rgb = norm['to_rgb']
   long, short = (-(-v // 32) * 32 for v in cfg.data.img_scale)
   cfg.data.buckets = ((short, long), (long, short), (short, short))
   config_lib.validate(cfg)
