@@ -53,6 +53,9 @@ FINETUNE_SKIP_PATTERNS = (
     r'^params/roi_head/bbox_head/fc_cls/', r'^params/roi_head/bbox_head/fc_reg/',
     r'^params/roi_head/mask_head/conv_logits/',
     r'^params/roi_head/mask_iou_head/fc_mask_iou/')
+# The same for a Mask R-CNN (model.roi_head.type='StandardRoIHead'), which has
+# no MaskIoU head (a pattern that matches nothing is refused).
+MASK_RCNN_FINETUNE_SKIP_PATTERNS = FINETUNE_SKIP_PATTERNS[:3]
 
 # Image normalisation per backbone style (spec §1.3).
 CAFFE_NORM = dict(mean=(103.530, 116.280, 123.675), std=(1.0, 1.0, 1.0),

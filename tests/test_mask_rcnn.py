@@ -17,6 +17,8 @@ family beside Mask Scoring R-CNN (issue 16, items 1-3).
   deterministic and covers the list; a smaller training scale keeps the
   bucket.
 - The evaluation report of a model without a MaskIoU head says so.
+- ``MASK_RCNN_FINETUNE_SKIP_PATTERNS`` re-initialises a Mask R-CNN's class
+  layers for fine-tuning (the MS R-CNN list names a layer it lacks).
 Cost: about 10 s on a quiet VM, 20 s under load (shape evaluation only,
 nothing compiled).
 """
@@ -27,6 +29,7 @@ import json
 import os
 import re
 
+import jax
 import numpy as np
 import pytest
 
@@ -242,3 +245,21 @@ def test_report_without_mask_iou_head(tmp_path):
   assert 'no MaskIoU head' in summary['note'] and 'no MaskIoU head' in log
   with open(tmp_path / mask_scoring_report.REPORT_JSON) as f:
     assert 'no MaskIoU head' in json.load(f)['note']
+
+
+def test_finetune_skip_patterns_of_mask_rcnn():
+  """Fine-tuning a converted 80-class Mask R-CNN on 3 classes:
+  MASK_RCNN_FINETUNE_SKIP_PATTERNS re-initialises its class layers (the MS
+  R-CNN patterns name a MaskIoU layer it lacks and are refused)."""
+  cfg = mask_rcnn_fixture_config()
+  cfg.model.num_classes = 3
+  zeros = lambda c: jax.tree.map(lambda x: np.zeros(x.shape, np.float32),
+                                 build.variable_shapes(c))
+  init, loaded = zeros(cfg), zeros(mask_rcnn_fixture_config())
+  _, report = variables_lib.merge_variables(
+      init, loaded, config_lib.MASK_RCNN_FINETUNE_SKIP_PATTERNS)
+  assert len(report['skipped']) == 6   # fc_cls, fc_reg, conv_logits x 2
+  with pytest.raises(variables_lib.VariablesMismatchError,
+                     match='fc_mask_iou'):
+    variables_lib.merge_variables(init, loaded,
+                                  config_lib.FINETUNE_SKIP_PATTERNS)
