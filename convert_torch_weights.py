@@ -1,4 +1,6 @@
-"""Converts an mmdetection 2.x MS R-CNN checkpoint (.pth) into Flax variables.
+"""Converts an mmdetection 2.x MS R-CNN or Mask R-CNN checkpoint (.pth) into
+Flax variables (a Mask R-CNN needs a ``mask_rcnn_*`` config: its
+``model.roi_head.type`` is ``'StandardRoIHead'``; the wrong family is named).
 
   python convert_torch_weights.py \
       --config configs/ms_rcnn_r50_caffe_fpn_1x_coco.py \

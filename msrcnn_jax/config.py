@@ -54,6 +54,9 @@ FINETUNE_SKIP_PATTERNS = (
     r'^params/roi_head/bbox_head/fc_cls/', r'^params/roi_head/bbox_head/fc_reg/',
     r'^params/roi_head/mask_head/conv_logits/',
     r'^params/roi_head/mask_iou_head/fc_mask_iou/')
+# The same for a Mask R-CNN (model.roi_head.type='StandardRoIHead'), which has
+# no MaskIoU head (a pattern that matches nothing is refused).
+MASK_RCNN_FINETUNE_SKIP_PATTERNS = FINETUNE_SKIP_PATTERNS[:3]
 
 # Image normalisation per backbone style (spec §1.3).
 CAFFE_NORM = dict(mean=(103.530, 116.280, 123.675), std=(1.0, 1.0, 1.0),
@@ -114,6 +117,12 @@ def ms_rcnn_config(*,
       anchor_strides=[4, 8, 16, 32, 64],
       target_stds=[1.0, 1.0, 1.0, 1.0])
   m.roi_head = ml_collections.ConfigDict()
+  # mmdetection's roi_head.type: 'MaskScoringRoIHead' (MS R-CNN: box, mask
+  # and MaskIoU heads) or 'StandardRoIHead' (Mask R-CNN: no MaskIoU head, no
+  # parameters or loss for it; mask_iou = 1 and mask_scores = box scores, as
+  # mmdetection's StandardRoIHead scores its masks). With StandardRoIHead the
+  # mask_iou_head keys and train.loss_weights.mask_iou do not apply.
+  m.roi_head.type = 'MaskScoringRoIHead'
   m.roi_head.featmap_strides = [4, 8, 16, 32]
   m.roi_head.finest_scale = 56
   # Static cap on RoIAlign's adaptive sample count per bin side (spec §5.9):
@@ -186,6 +195,13 @@ def ms_rcnn_config(*,
   # each logged with both shapes); any other mismatch is an error. Fine-tune
   # to another class count with FINETUNE_SKIP_PATTERNS.
   t.init_skip_patterns = ()
+  # Regexes (re.search on 'params/roi_head/mask_iou_head/fc_mask_iou/kernel')
+  # of the parameters to train; empty = every parameter mmdetection trains.
+  # When set, everything else is frozen (bit-identical after training, no
+  # optimizer state): e.g. ('^params/roi_head/mask_iou_head/',) trains a
+  # MaskIoU head added to a converted Mask R-CNN (README "Add mask scoring
+  # to a Mask R-CNN").
+  t.trainable_patterns = ()
 
   # ----------------------------------------------------------------- data
   d = c.data = ml_collections.ConfigDict()
@@ -196,6 +212,11 @@ def ms_rcnn_config(*,
   d.tfds_name = 'coco_instance_masks'
   d.tfds_data_dir = ''
   d.img_scale = (1333, 800)   # (long, short) edge limits, keep ratio
+  # Multi-scale training (mmdetection's mstrain configs): per training image
+  # one (long, short) scale drawn uniformly from this list (deterministic in
+  # seed, epoch and image); each at most img_scale, so the image fits the
+  # bucket chosen at img_scale. Empty: every image at img_scale.
+  d.train_img_scales = ()
   d.size_divisor = 32
   norm = CAFFE_NORM if style == 'caffe' else PYTORCH_NORM
   d.mean = norm['mean']
@@ -226,6 +247,67 @@ def ms_rcnn_config(*,
   # Pictures of predictions written after the final evaluation.
   c.num_vis_images = 0
   return c
+
+
+ROI_HEAD_TYPES = ('MaskScoringRoIHead', 'StandardRoIHead')
+
+
+def has_mask_iou_head(config: ml_collections.ConfigDict) -> bool:
+  """Whether the model of ``config`` (full config or its ``model`` node)
+  has a MaskIoU head: ``model.roi_head.type == 'MaskScoringRoIHead'``
+  (absent: True, configs written before the key existed)."""
+  m = config.model if 'model' in config else config
+  return m.roi_head.get('type', 'MaskScoringRoIHead') == 'MaskScoringRoIHead'
+
+
+def mask_rcnn_config(*,
+                     name: str = 'mask_rcnn_r50_caffe_fpn_1x_coco',
+                     depth: int = 50,
+                     style: str = 'caffe',
+                     groups: int = 1,
+                     base_width: int = 64,
+                     schedule: str = '1x',
+                     multiscale: str = '') -> ml_collections.ConfigDict:
+  """Returns the full config of a released mmdetection Mask R-CNN model.
+
+  :func:`ms_rcnn_config` with ``model.roi_head.type = 'StandardRoIHead'``
+  (mmdetection's ``MaskRCNN``: the same backbone, FPN, RPN, box and mask
+  heads, no MaskIoU head).
+
+  Args:
+    name, depth, style, groups, base_width: as :func:`ms_rcnn_config`.
+    schedule: '1x' (12 epochs), '2x' (24) or '3x' (36, lr steps at 27 and
+      33: mmdetection's ``*_mstrain-poly_3x`` configs).
+    multiscale: '' (one scale, 1333x800), 'value' (short side drawn per
+      training image from ``MSTRAIN_SHORT_SIDES``: mmdetection's
+      ``Resize(img_scale=[(1333, 640), (1333, 672), ..., (1333, 800)],
+      multiscale_mode='value')``) or 'range' (short side uniform in
+      [640, 800]: ``Resize(img_scale=[(1333, 640), (1333, 800)],
+      multiscale_mode='range')``), as ``data.train_img_scales``.
+  """
+  if schedule not in ('1x', '2x', '3x'):
+    raise ValueError(f'schedule must be 1x, 2x or 3x, got {schedule!r}')
+  c = ms_rcnn_config(name=name, depth=depth, style=style, groups=groups,
+                     base_width=base_width,
+                     schedule='1x' if schedule == '3x' else schedule)
+  c.model.roi_head.type = 'StandardRoIHead'
+  if schedule == '3x':
+    c.train.epochs = 36
+    c.train.lr_steps_epochs = [27, 33]
+  if multiscale == 'value':
+    c.data.train_img_scales = tuple((1333, s) for s in MSTRAIN_SHORT_SIDES)
+  elif multiscale == 'range':
+    c.data.train_img_scales = tuple((1333, s) for s in range(640, 801))
+  elif multiscale:
+    raise ValueError(f"multiscale must be '', 'value' or 'range', got "
+                     f'{multiscale!r}')
+  return c
+
+
+# The short sides of mmdetection's mstrain 1x/2x configs (Resize with
+# multiscale_mode='value'); the 3x configs draw every integer in [640, 800]
+# (multiscale_mode='range' between (1333, 640) and (1333, 800)).
+MSTRAIN_SHORT_SIDES = (640, 672, 704, 736, 768, 800)
 
 
 # ------------------------------------------------------------- validation
@@ -549,6 +631,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f'train.rcnn.mask_size is {t.rcnn.mask_size} but the mask head '
           f'predicts 2 x mask_roi_extractor.output_size = '
           f'{2 * r.mask_roi_extractor.output_size}')
+  _refuse(r.type not in ROI_HEAD_TYPES,
+          f'model.roi_head.type must be one of {ROI_HEAD_TYPES}, got '
+          f'{r.type!r}')
+  if r.type == 'StandardRoIHead':
+    for path in ('model.roi_head.mask_iou_head.num_convs',
+                 'model.roi_head.mask_iou_head.num_fcs',
+                 'model.roi_head.mask_iou_head.conv_out_channels',
+                 'model.roi_head.mask_iou_head.fc_out_channels',
+                 'train.loss_weights.mask_iou'):
+      _refuse(got[path] != schema[path],
+              f'{path}={got[path]!r} does not apply with model.roi_head.type='
+              "'StandardRoIHead' (Mask R-CNN has no MaskIoU head; set "
+              "model.roi_head.type='MaskScoringRoIHead' to add one)")
+  for scale in d.train_img_scales:
+    _refuse(len(scale) != 2 or min(scale) < 1
+            or max(scale) > max(d.img_scale)
+            or min(scale) > min(d.img_scale),
+            f'data.train_img_scales holds {tuple(scale)!r}: each entry is a '
+            '(long, short) pair of positive sides at most data.img_scale='
+            f'{tuple(d.img_scale)} (the bucket is chosen at img_scale)')
   _refuse(d.source not in ('coco', 'tfds', 'synthetic'),
           f"data.source must be 'coco', 'tfds' or 'synthetic', got "
           f'{d.source!r}')
@@ -566,6 +668,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _refuse(bool(t.init_skip_patterns) and not t.init_checkpoint,
           f'train.init_skip_patterns={tuple(t.init_skip_patterns)} does not '
           'apply without train.init_checkpoint')
+  for pattern in t.trainable_patterns:
+    try:
+      re.compile(pattern)
+    except (re.error, TypeError) as e:
+      raise ConfigError(f'train.trainable_patterns: {pattern!r} is not a '
+                        f'regular expression ({e})') from None
   _refuse(t.compute_dtype not in ('float32', 'bfloat16'),
           "train.compute_dtype must be 'float32' or 'bfloat16', got "
           f'{t.compute_dtype!r}')

@@ -10,7 +10,9 @@ component into the previous one with '_', rename the leaf: conv/linear
 Loading is strict (unlike mmcv's ``load_checkpoint``, spec §4): every missing,
 unexpected and mis-shaped tensor is listed and conversion fails with
 ``ConversionError`` unless everything maps. 2019 v1.x checkpoints (spec §4.3)
-are refused with an explanation.
+are refused with an explanation. Mask R-CNN checkpoints (no
+``roi_head.mask_iou_head.*``) convert with a ``StandardRoIHead`` config; a
+checkpoint of the other family is named as such (``family_note``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import ml_collections
 import numpy as np
 
+from msrcnn_jax import config as config_lib
 from msrcnn_jax import variables as variables_lib
 from msrcnn_jax.errors import UserError
 from msrcnn_jax.modeling import build
@@ -318,24 +321,49 @@ def _class_count_note(shapes: Mapping[str, Shape], config,
           'conversion).']
 
 
+def family_note(shapes: Mapping[str, Shape], config) -> List[str]:
+  """The model-family difference, if any: a Mask Scoring R-CNN checkpoint
+  (``roi_head.mask_iou_head.*`` keys) with a Mask R-CNN config
+  (``model.roi_head.type='StandardRoIHead'``), or a Mask R-CNN checkpoint
+  (``roi_head.mask_head.*`` but no ``roi_head.mask_iou_head.*`` keys) with an
+  MS R-CNN config. ``shapes`` keys have no ``module.`` prefix."""
+  iou_keys = [k for k in shapes if k.startswith('roi_head.mask_iou_head.')]
+  has_mask = any(k.startswith('roi_head.mask_head.') for k in shapes)
+  if iou_keys and not config_lib.has_mask_iou_head(config):
+    return ['checkpoint/config mismatch: the checkpoint is a Mask Scoring '
+            f'R-CNN ({len(iou_keys)} roi_head.mask_iou_head.* tensors) but '
+            'the config builds a Mask R-CNN (model.roi_head.type='
+            "'StandardRoIHead', no MaskIoU head). Use the ms_rcnn_* config "
+            'that matches the checkpoint.']
+  if has_mask and not iou_keys and config_lib.has_mask_iou_head(config):
+    return ['checkpoint/config mismatch: the checkpoint is a Mask R-CNN (no '
+            'roi_head.mask_iou_head.* tensors) but the config builds a Mask '
+            "Scoring R-CNN (model.roi_head.type='MaskScoringRoIHead'). Use "
+            'the mask_rcnn_* config that matches the checkpoint (a MaskIoU '
+            'head is not in it: one has to be trained).']
+  return []
+
+
 def diagnose_mismatch(shapes: Mapping[str, Shape], config,
                       prefix: str = 'backbone.', meta: Any = None
                       ) -> List[str]:
   """Human-readable checkpoint-vs-config differences (empty if none seen):
-  backbone/neck/head widths, then the class count."""
+  the model family (``family_note``), backbone/neck/head widths, then the
+  class count."""
   got = infer_architecture(shapes, prefix)
   want = _config_architecture(config)
   diffs = [k for k in ('depth', 'layer3_blocks', 'groups', 'base_channels',
                        'fpn_channels', 'fc_out_channels')
            if k in got and got[k] != want[k]]
-  notes = _class_count_note(shapes, config, meta)
-  if not diffs:
-    return notes
-  return [f'checkpoint/config mismatch: the checkpoint is {_describe(got)} '
-          f'but the config builds {_describe(want)}; differing: ' +
-          ', '.join(f'{k} {got[k]} (checkpoint) vs {want[k]} (config)'
-                    for k in diffs) + '. Use the config that matches the '
-          'checkpoint.'] + notes
+  notes = family_note(shapes, config)
+  if diffs:
+    notes.append(
+        f'checkpoint/config mismatch: the checkpoint is {_describe(got)} '
+        f'but the config builds {_describe(want)}; differing: ' +
+        ', '.join(f'{k} {got[k]} (checkpoint) vs {want[k]} (config)'
+                  for k in diffs) + '. Use the config that matches the '
+        'checkpoint.')
+  return notes + _class_count_note(shapes, config, meta)
 
 
 def parse_meta_backbone(meta: Any) -> Dict[str, Any]:

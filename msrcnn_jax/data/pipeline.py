@@ -290,13 +290,14 @@ def _load_image(rec) -> np.ndarray:
   return img
 
 
-def train_example(rec, data_cfg, flip: bool, bucket_hw):
-  """One training example from a record; see ``transforms.train_transform``."""
+def train_example(rec, data_cfg, flip: bool, bucket_hw, img_scale=None):
+  """One training example from a record; see ``transforms.train_transform``
+  (``img_scale``: this image's scale, default ``data_cfg.img_scale``)."""
   img = _load_image(rec)
   return transforms.train_transform(
       img, rec['boxes'], rec['labels'],
       lambda: coco_lib.decode_masks(rec), data_cfg, flip, bucket_hw,
-      name=record_name(rec))
+      name=record_name(rec), img_scale=img_scale)
 
 
 def eval_example(rec, data_cfg, bucket_hw,
@@ -482,6 +483,19 @@ def flip_decision(seed: int, epoch: int, index: int, ratio: float) -> bool:
               .random() < ratio)
 
 
+def scale_decision(seed: int, epoch: int, index: int,
+                   scales) -> tuple[int, int] | None:
+  """The multi-scale Resize draw of record ``index`` in ``epoch``: one of
+  ``scales`` (``data.train_img_scales``) uniformly, as mmdetection's
+  ``Resize(multiscale_mode='value')`` (and ``'range'`` when ``scales``
+  lists every short side of the range); None when ``scales`` is empty."""
+  if not len(scales):
+    return None
+  k = np.random.default_rng([int(seed), int(epoch), int(index), 11]).integers(
+      len(scales))
+  return tuple(int(v) for v in scales[int(k)])
+
+
 class TrainIterator:
   """Infinite iterator of train batches (see ``make_train_iterator``).
 
@@ -551,9 +565,11 @@ class TrainIterator:
       message = self._known_bad.get(j)
       if message is None:
         try:
-          out = train_example(self.source[j], self.data_cfg,
-                              flip_decision(self.seed, epoch, j, ratio),
-                              self.buckets[b])
+          out = train_example(
+              self.source[j], self.data_cfg,
+              flip_decision(self.seed, epoch, j, ratio), self.buckets[b],
+              scale_decision(self.seed, epoch, j,
+                             self.data_cfg.get('train_img_scales', ())))
         except image_io.ImageReadError as e:
           message = self._known_bad.setdefault(j, str(e))
         else:

@@ -325,7 +325,8 @@ def train_transform(img_bgr: np.ndarray, boxes: np.ndarray,
                     masks: np.ndarray | Callable[[], np.ndarray] | None,
                     data_cfg, flip: bool,
                     bucket_hw: Sequence[int] | None = None,
-                    name: str = 'an image'
+                    name: str = 'an image',
+                    img_scale: Sequence[int] | None = None
                     ) -> tuple[dict[str, np.ndarray], bool]:
   """mmdetection's train pipeline on one image + fixed-size ground truth.
 
@@ -345,6 +346,9 @@ def train_transform(img_bgr: np.ndarray, boxes: np.ndarray,
     flip: apply the horizontal flip.
     bucket_hw: output image size; default: ``choose_bucket``.
     name: the image (file and id) for error messages.
+    img_scale: (long, short) scale of this image (multi-scale training:
+      ``pipeline.scale_decision`` of ``data.train_img_scales``); default
+      ``data_cfg.img_scale``.
 
   Returns:
     (example, truncated): example has ``image (H, W, 3) float32``,
@@ -358,7 +362,8 @@ def train_transform(img_bgr: np.ndarray, boxes: np.ndarray,
     DegenerateImageError: the image resizes to a zero side.
   """
   h0, w0 = img_bgr.shape[:2]
-  new_w, new_h = checked_rescale_size(w0, h0, data_cfg.img_scale, name)
+  new_w, new_h = checked_rescale_size(
+      w0, h0, data_cfg.img_scale if img_scale is None else img_scale, name)
   sf = scale_factor_of(w0, h0, new_w, new_h)
   pad = padded_size(new_h, new_w, data_cfg.size_divisor)
   if bucket_hw is None:

@@ -239,6 +239,25 @@ def mask_scoring_report(
                     img_ids=img_ids)
 
 
+NO_MASK_IOU_HEAD = (
+    "no MaskIoU head (Mask R-CNN, model.roi_head.type='StandardRoIHead'): "
+    'segm results are scored by box scores (mask_iou = 1), so there is no '
+    'mask-scoring report')
+
+
+def no_mask_iou_head_report(output_dir: Optional[str] = None
+                            ) -> Tuple[Dict[str, Any], str]:
+  """The report of a model without a MaskIoU head: ``({'note': ...},
+  log)``; writes ``mask_scoring_report.json`` with the note (no scatter
+  plot) when ``output_dir`` is given."""
+  summary = {'note': NO_MASK_IOU_HEAD}
+  log = f'Mask scoring: {NO_MASK_IOU_HEAD}.'
+  if output_dir:
+    os.makedirs(output_dir, exist_ok=True)
+    write_json(os.path.join(output_dir, REPORT_JSON), dict(summary, log=log))
+  return summary, log
+
+
 def _summarize(actual: np.ndarray, pred: np.ndarray, box: np.ndarray,
                mscore: np.ndarray, metrics: Dict[str, Any],
                box_metrics: Dict[str, Any], output_dir: Optional[str]

@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from msrcnn_jax import config as config_lib
 from msrcnn_jax.data import pipeline
 from msrcnn_jax.evaluation import mask_scoring_report
 from msrcnn_jax.evaluation.coco_evaluator import CocoEvaluator
@@ -130,7 +131,8 @@ def evaluate_model(config: ml_collections.ConfigDict, variables: dict,
       them); 0 keeps none.
 
   Returns:
-    (metrics dict with mmdetection's key names and ``mask_scoring`` summary,
+    (metrics dict with mmdetection's key names and ``mask_scoring`` summary
+    (for a model without a MaskIoU head only its ``note``),
     the first ``keep_records`` per-image records as evaluated: detections
     whose label is not a category of the dataset are dropped, see
     ``keep_known_labels``).
@@ -152,7 +154,10 @@ def evaluate_model(config: ml_collections.ConfigDict, variables: dict,
       process_count=1)
   evaluator = CocoEvaluator(coco_gt, cat_ids, output_dir=output_dir,
                             prefix='results')
-  scoring = mask_scoring_report.MaskScoringAccumulator(coco_gt, cat_ids)
+  # Mask R-CNN (no MaskIoU head): the segm scores are the box scores, so
+  # there is nothing to report but that.
+  scoring = (mask_scoring_report.MaskScoringAccumulator(coco_gt, cat_ids)
+             if config_lib.has_mask_iou_head(config) else None)
   num_classes = config.model.num_classes
   if num_classes > len(cat_ids):
     logging.warning(
@@ -169,7 +174,8 @@ def evaluate_model(config: ml_collections.ConfigDict, variables: dict,
       if len(records) < keep_records:
         records.append(rec)
       evaluator.add([rec])
-      scoring.add(rec)
+      if scoring is not None:
+        scoring.add(rec)
       bar.update(1)
     done = True
   finally:
@@ -185,9 +191,12 @@ def evaluate_model(config: ml_collections.ConfigDict, variables: dict,
     logging.warning('%d detections with labels outside the dataset\'s %d '
                     'categories dropped.', dropped, len(cat_ids))
   metrics = evaluator.evaluate()
-  summary, log = scoring.report(
-      load_results(evaluator.results_path('segm')), output_dir=output_dir,
-      metrics=metrics, img_ids=evaluator.img_ids())
+  if scoring is None:
+    summary, log = mask_scoring_report.no_mask_iou_head_report(output_dir)
+  else:
+    summary, log = scoring.report(
+        load_results(evaluator.results_path('segm')), output_dir=output_dir,
+        metrics=metrics, img_ids=evaluator.img_ids())
   tqdm.tqdm.write(log)     # once, above any progress bar
   metrics['mask_scoring'] = summary
   if output_dir:

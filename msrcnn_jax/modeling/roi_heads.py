@@ -1,4 +1,5 @@
-"""The RoI stage of Mask Scoring R-CNN (mmdetection's ``MaskScoringRoIHead``).
+"""The RoI stage of Mask Scoring R-CNN (mmdetection's ``MaskScoringRoIHead``)
+and of Mask R-CNN (``StandardRoIHead``: ``config.model.roi_head.type``).
 
 ``MaskScoringRoIHead`` takes the FPN levels and the RPN's proposals and does
 everything after them (spec §2.3-§2.5, §3.2-§3.4):
@@ -12,7 +13,11 @@ everything after them (spec §2.3-§2.5, §3.2-§3.4):
   defines beside its module.
 
 ``params['roi_head']`` holds ``bbox_head``, ``mask_head`` and
-``mask_iou_head``, as mmdetection's ``roi_head.*`` keys. Every array has a
+``mask_iou_head``, as mmdetection's ``roi_head.*`` keys. With
+``type='StandardRoIHead'`` there is no ``mask_iou_head`` (no parameters, no
+``loss_mask_iou``) and the outputs carry ``mask_iou`` = 1 and
+``mask_scores`` = box scores: mmdetection's StandardRoIHead scores each
+mask by its detection's box score. Every array has a
 static shape; padding rows carry ``valid == False``.
 """
 
@@ -148,6 +153,12 @@ class MaskScoringRoIHead(nn.Module):
   test_cfg: ml_collections.ConfigDict | None = None
   dtype: Any = jnp.float32
 
+  @property
+  def with_mask_iou(self) -> bool:
+    """``config.type == 'MaskScoringRoIHead'`` (absent: True)."""
+    return self.config.get('type', 'MaskScoringRoIHead') == (
+        'MaskScoringRoIHead')
+
   def setup(self):
     c = self.config
     self.bbox_head = box_head_lib.Shared2FCBBoxHead(
@@ -157,12 +168,14 @@ class MaskScoringRoIHead(nn.Module):
         num_convs=c.mask_head.num_convs,
         conv_out_channels=c.mask_head.conv_out_channels,
         num_classes=self.num_classes, dtype=self.dtype)
-    self.mask_iou_head = maskiou_head_lib.MaskIoUHead(
-        num_convs=c.mask_iou_head.num_convs,
-        num_fcs=c.mask_iou_head.num_fcs,
-        conv_out_channels=c.mask_iou_head.conv_out_channels,
-        fc_out_channels=c.mask_iou_head.fc_out_channels,
-        num_classes=self.num_classes, dtype=self.dtype)
+    # StandardRoIHead (Mask R-CNN): no MaskIoU head, no parameters for it.
+    if self.with_mask_iou:
+      self.mask_iou_head = maskiou_head_lib.MaskIoUHead(
+          num_convs=c.mask_iou_head.num_convs,
+          num_fcs=c.mask_iou_head.num_fcs,
+          conv_out_channels=c.mask_iou_head.conv_out_channels,
+          fc_out_channels=c.mask_iou_head.fc_out_channels,
+          num_classes=self.num_classes, dtype=self.dtype)
 
   def __call__(self, feats: Sequence[jnp.ndarray], proposals: dict,
                img_shape: jnp.ndarray, pad_shape: jnp.ndarray,
@@ -206,6 +219,8 @@ class MaskScoringRoIHead(nn.Module):
     """
     cls_logits, deltas = self.bbox_head(bbox_feats)
     mask_logits = self.mask_head(mask_feats)
+    if not self.with_mask_iou:
+      return cls_logits, deltas, mask_logits
     mask_iou = self.mask_iou_head(mask_feats, mask_logits[..., 0])
     return cls_logits, deltas, mask_logits, mask_iou
 
@@ -227,9 +242,9 @@ class MaskScoringRoIHead(nn.Module):
         ``boxes (B, K, 4)`` float32 x1,y1,x2,y2 in ORIGINAL image pixels;
         ``scores (B, K)`` box scores; ``labels (B, K)`` int32;
         ``valid (B, K)`` bool; ``mask_logits (B, K, 28, 28)`` of the label;
-        ``mask_iou (B, K)`` MaskIoU of the label (raw fc output);
-        ``mask_iou_all (B, K, num_classes)``; ``mask_scores (B, K)`` =
-        mask_iou * scores; ``paste_boxes (B, K, 4)``. Padding rows are
+        ``mask_iou (B, K)`` MaskIoU of the label (raw fc output; 1 without
+        a MaskIoU head); ``mask_iou_all (B, K, num_classes)`` (ones without
+        one); ``mask_scores (B, K)`` = mask_iou * scores (= scores); ``paste_boxes (B, K, 4)``. Padding rows are
         zero. With ``return_intermediates`` also ``bbox_cls_logits``,
         ``bbox_deltas`` (per proposal) and ``mask_rois`` (test scale).
     """
@@ -253,9 +268,14 @@ class MaskScoringRoIHead(nn.Module):
     mask_feats = self.roi_features(feats, mask_rois, pad_shape,
                                    c.mask_roi_extractor.output_size)
     mask_logits = select_class(self.mask_head(mask_feats), labels)
-    mask_iou_all = self.mask_iou_head(mask_feats, mask_logits)
+    if self.with_mask_iou:
+      mask_iou_all = self.mask_iou_head(mask_feats, mask_logits)
+      mask_iou_all = mask_iou_all.astype(jnp.float32)
+    else:
+      # StandardRoIHead scores masks by the box score: MaskIoU 1.
+      mask_iou_all = jnp.ones(labels.shape + (self.num_classes,),
+                              jnp.float32)
     mask_logits = mask_logits.astype(jnp.float32)
-    mask_iou_all = mask_iou_all.astype(jnp.float32)
     mask_iou = select_class(mask_iou_all, labels)
     vf = valid.astype(mask_iou.dtype)
     out = dict(
@@ -284,7 +304,8 @@ class MaskScoringRoIHead(nn.Module):
 
     Returns:
       dict ``loss_cls``, ``loss_bbox``, ``loss_mask``, ``loss_mask_iou``
-      (weighted by ``train_cfg.loss_weights``), ``rcnn_acc`` (percent) and
+      (not with ``StandardRoIHead``; weighted by
+      ``train_cfg.loss_weights``), ``rcnn_acc`` (percent) and
       ``num_rcnn_pos`` (mean positives per image).
     """
     samples = self.sample(proposals, gt, rng, (sampled or {}).get('rcnn'))
@@ -339,6 +360,9 @@ class MaskScoringRoIHead(nn.Module):
                 rois, gt_idx, gt['masks'], gt['mask_frames'], pad_shape,
                 valid)
     loss_mask = mask_head_lib.mask_loss(mask_logits, mask_t, valid)
+    num_pos = jnp.mean(jnp.sum(valid, -1).astype(jnp.float32))
+    if not self.with_mask_iou:
+      return dict(loss_mask=lw.mask * loss_mask, num_rcnn_pos=num_pos)
     iou_pred = select_class(self.mask_iou_head(mask_feats, mask_logits),
                             labels)
     iou_t = jax.vmap(
@@ -352,4 +376,4 @@ class MaskScoringRoIHead(nn.Module):
         iou_pred, iou_t, valid, loss_weight=lw.mask_iou)
     return dict(
         loss_mask=lw.mask * loss_mask, loss_mask_iou=loss_mask_iou,
-        num_rcnn_pos=jnp.mean(jnp.sum(valid, -1).astype(jnp.float32)))
+        num_rcnn_pos=num_pos)

@@ -26,6 +26,7 @@ The step counter is the number of optimizer updates already applied (mmcv's
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable, Mapping
 
 import jax
@@ -160,10 +161,34 @@ def trainable_mask(params: PyTree,
 def trainable_mask_from_config(
     params: PyTree, config: ml_collections.ConfigDict,
     stage_of: Callable[[str], int | None] = ResNet.stage_of) -> PyTree:
-  """:func:`trainable_mask` with ``config.model.backbone`` settings."""
+  """:func:`trainable_mask` with ``config.model.backbone`` settings, and
+  with ``config.train.trainable_patterns`` (regexes, ``re.search`` on
+  ``'params/roi_head/mask_iou_head/fc_mask_iou/kernel'``) when set: then only
+  the parameters that match one of them AND that mmdetection trains are
+  trainable (everything else frozen: no update, no optimizer state), e.g.
+  ``('^params/roi_head/mask_iou_head/',)`` trains a MaskIoU head alone.
+
+  Raises:
+    ConfigError: a pattern matches no parameter.
+  """
   bb = config.model.backbone
-  return trainable_mask(params, frozen_stages=int(bb.frozen_stages),
+  mask = trainable_mask(params, frozen_stages=int(bb.frozen_stages),
                         bn_trainable=bool(bb.bn_trainable), stage_of=stage_of)
+  patterns = tuple(config.train.get('trainable_patterns', ()))
+  if not patterns:
+    return mask
+  compiled = [re.compile(p) for p in patterns]
+  paths = jax.tree_util.tree_map_with_path(
+      lambda path, _: 'params/' + '/'.join(variables_lib.path_names(path)),
+      params)
+  names = jax.tree.leaves(paths)
+  for p in compiled:
+    if not any(p.search(n) for n in names):
+      raise ConfigError(
+          f'train.trainable_patterns: {p.pattern!r} matches no parameter '
+          f'(parameter paths look like {names[-1]!r})')
+  return jax.tree.map(lambda m, n: m and any(p.search(n) for p in compiled),
+                      mask, paths)
 
 
 def make_optimizer(

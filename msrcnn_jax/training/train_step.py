@@ -97,7 +97,8 @@ def make_train_step(loss_fn: LossFn,
       ``jnp.dtype`` (parameters and optimizer state stay float32).
     schedule_fn: learning-rate schedule, reported as metric 'lr'.
     mask: trainable mask (True = trainable); 'grad_norm' is taken over the
-      trainable gradients only.
+      trainable gradients only, and frozen parameters leave the step as
+      they came in (the same bits).
     donate: donate the input state's buffers.
 
   Returns:
@@ -122,6 +123,11 @@ def make_train_step(loss_fn: LossFn,
         state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if mask is not None:
+      # Frozen parameters are passed through untouched (bit for bit, also
+      # -0.0, which ``p + 0`` would turn into +0.0).
+      params = jax.tree.map(lambda m, old, new: new if m else old, mask,
+                            state.params, params)
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}
     metrics['loss'] = loss
     metrics['grad_norm'] = optimizer_lib.masked_global_norm(grads, mask)

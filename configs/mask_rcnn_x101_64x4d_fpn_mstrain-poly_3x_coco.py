@@ -1,0 +1,41 @@
+"""mask_rcnn_x101_64x4d_fpn_mstrain-poly_3x_coco: Mask R-CNN, ResNeXt-101 64x4d (pytorch style) + FPN, 3x schedule.
+
+mmdetection's released checkpoint reaches box AP 44.5 / mask AP 39.7 on COCO val2017.
+Mask R-CNN is mmdetection's MaskRCNN with StandardRoIHead: no MaskIoU head;
+mask_score = box score (model.roi_head.type = 'StandardRoIHead').
+
+Multi-scale training: the short side of each training image is drawn
+uniformly from [640, 800], long side <= 1333 (mmdetection's
+Resize(img_scale=[(1333, 640), (1333, 800)], multiscale_mode='range'));
+testing at 1333x800.
+
+mmdetection trains 12 epochs of RepeatDataset(times=3) with lr steps at
+[9, 11]: 36 COCO epochs, steps at epochs [27, 33].
+
+'poly': mmdetection keeps the COCO polygons (poly2mask=False) and rasterises
+them per RoI for the mask targets; here the targets come from the decoded
+bitmaps (poly2mask=True path), a sub-pixel difference on mask boundaries in
+training only (inference and conversion are unaffected).
+
+Convert and evaluate:
+  python convert_torch_weights.py --config configs/mask_rcnn_x101_64x4d_fpn_mstrain-poly_3x_coco.py \
+      --checkpoint mask_rcnn_x101_64x4d_fpn_mstrain-poly_3x_coco.pth --output ckpt/mask_rcnn_x101_64x4d_fpn_mstrain-poly_3x_coco
+  python -m msrcnn_jax.evaluate --config configs/mask_rcnn_x101_64x4d_fpn_mstrain-poly_3x_coco.py \
+      --checkpoint ckpt/mask_rcnn_x101_64x4d_fpn_mstrain-poly_3x_coco --coco-dir /data/coco --output metrics.json
+Train (16 images per step, as mmdetection's 8 GPUs x 2):
+  python train.py --config configs/mask_rcnn_x101_64x4d_fpn_mstrain-poly_3x_coco.py --workdir runs/mask_rcnn_x101_64x4d_fpn_mstrain-poly_3x_coco \
+      --config.data.coco_dir=/data/coco
+"""
+
+from msrcnn_jax.config import mask_rcnn_config
+
+
+def get_config():
+  return mask_rcnn_config(
+      name='mask_rcnn_x101_64x4d_fpn_mstrain-poly_3x_coco',
+      depth=101,
+      style='pytorch',
+      groups=64,
+      base_width=4,
+      schedule='3x',
+      multiscale='range')
