@@ -174,6 +174,9 @@ def main(argv: Sequence[str]) -> None:
     os.makedirs(_VIS_DIR.value, exist_ok=True)
     for path, rec, picture in zip(paths, records, picture_names(names)):
       rgb = image_io.imread(path)[..., ::-1]
+      if 'model' in config and not config_lib.has_mask_iou_head(config):
+        # A Mask R-CNN's mask_iou is all 1: no "mIoU" in the captions.
+        rec = {k: v for k, v in rec.items() if k != 'mask_iou'}
       visualize.save_visualization(
           os.path.join(_VIS_DIR.value, *picture.split('/')), rgb, rec,
           class_names=config.data.class_names, score_thr=_VIS_THR.value)

@@ -138,6 +138,8 @@ class DetectorTask:
         continue
       rgb = image_io.load_record_image(src_rec)[..., ::-1]
       path = os.path.join(vis_dir, f'{int(r["image_id"]):06d}.png')
+      if not config_lib.has_mask_iou_head(self.config):
+        r = {k: v for k, v in r.items() if k != 'mask_iou'}  # all 1
       visualize.save_visualization(path, rgb, r, class_names=names,
                                    score_thr=0.3)
     logging.info('Wrote %d pictures to %s', len(records), vis_dir)
