@@ -22,6 +22,8 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import compilation_cache_env
+
 from msrcnn_jax import variables as variables_lib
 from msrcnn_jax.modeling import build
 from msrcnn_jax.training import partitioning
@@ -32,8 +34,9 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _QUICKSTART = os.path.join(_ROOT, 'configs', 'quickstart_synthetic.py')
 
 
-def _run(*args):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONWARNINGS='ignore')
+def _run(*args, cache_env=None):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONWARNINGS='ignore',
+             **(cache_env or {}))
   return subprocess.run([sys.executable, *args], cwd=_ROOT, env=env,
                         capture_output=True, text=True, timeout=600,
                         check=False)
@@ -49,6 +52,7 @@ def _quickstart_config():
 
 @pytest.mark.slow
 def test_train_then_predict_on_the_workdir(tmp_path):
+  cache_env = compilation_cache_env(tmp_path)
   workdir = str(tmp_path / 'run')
   proc = _run('train.py', f'--workdir={workdir}',
               '--config.train.max_steps=2',
@@ -56,7 +60,7 @@ def test_train_then_predict_on_the_workdir(tmp_path):
               '--config.train.log_every_steps=1',
               '--config.data.synthetic.num_train=16',
               '--config.data.synthetic.num_val=2',
-              '--config.num_vis_images=0')
+              '--config.num_vis_images=0', cache_env=cache_env)
   assert proc.returncode == 0, proc.stderr[-3000:]
 
   config = _quickstart_config()
@@ -92,7 +96,8 @@ def test_train_then_predict_on_the_workdir(tmp_path):
   cv2.imwrite(image_path, image)
   out = tmp_path / 'results.json'
   proc = _run('-m', 'msrcnn_jax.predict', '--config', _QUICKSTART,
-              '--checkpoint', workdir, '--output', str(out), image_path)
+              '--checkpoint', workdir, '--output', str(out), image_path,
+              cache_env=cache_env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'detections on 1 images' in proc.stdout
   assert isinstance(json.loads(out.read_text()), list)

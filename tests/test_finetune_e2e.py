@@ -28,7 +28,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import fixture_path
+from conftest import compilation_cache_env, fixture_path
 from msrcnn_jax import variables as variables_lib
 from msrcnn_jax.data import synthetic
 
@@ -39,8 +39,9 @@ _CLASS_LAYERS = ('roi_head/bbox_head/fc_cls', 'roi_head/bbox_head/fc_reg',
                  'roi_head/mask_iou_head/fc_mask_iou')
 
 
-def _run(*args):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONWARNINGS='ignore')
+def _run(*args, cache_env=None):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONWARNINGS='ignore',
+             **(cache_env or {}))
   proc = subprocess.run([sys.executable, *args], cwd=_ROOT, env=env,
                         capture_output=True, text=True, timeout=900,
                         check=False)
@@ -58,6 +59,7 @@ def _write(path, text):
 
 @pytest.mark.slow
 def test_finetune_released_checkpoint_on_three_class_coco_dir(tmp_path):
+  cache_env = compilation_cache_env(tmp_path)
   # 1. The released COCO model, converted (its own, 80-class config).
   coco_config = _write(tmp_path / 'coco80.py', (
       f'import sys\nsys.path.insert(0, {_TESTS!r})\nimport conftest\n\n\n'
@@ -95,7 +97,8 @@ def test_finetune_released_checkpoint_on_three_class_coco_dir(tmp_path):
       '  c.num_vis_images = 0\n'
       '  return c\n'))
   workdir = str(tmp_path / 'run')
-  proc = _run('train.py', '--config', config, f'--workdir={workdir}')
+  proc = _run('train.py', '--config', config, f'--workdir={workdir}',
+              cache_env=cache_env)
   log = proc.stdout + proc.stderr
   for layer in _CLASS_LAYERS:
     lines = [l for l in log.splitlines()
@@ -129,7 +132,7 @@ def test_finetune_released_checkpoint_on_three_class_coco_dir(tmp_path):
                   for im in val['images'])
   results = str(tmp_path / 'results.json')
   _run('-m', 'msrcnn_jax.predict', '--config', config, '--checkpoint',
-       workdir, '--output', results, *images)
+       workdir, '--output', results, *images, cache_env=cache_env)
   with open(results) as f:
     dets = json.load(f)
   assert {d['label'] for d in dets} <= {0, 1, 2}
@@ -137,7 +140,7 @@ def test_finetune_released_checkpoint_on_three_class_coco_dir(tmp_path):
   metrics_path = str(tmp_path / 'metrics.json')
   _run('-m', 'msrcnn_jax.evaluate', '--config', config, '--checkpoint',
        workdir, '--coco-dir', data, '--split', 'val', '--output',
-       metrics_path)
+       metrics_path, cache_env=cache_env)
   with open(metrics_path) as f:
     metrics = json.load(f)
   for key in ('bbox_mAP', 'bbox_mAP_50', 'segm_mAP', 'segm_mAP_50'):

@@ -18,12 +18,14 @@ import sys
 
 import pytest
 
+from conftest import compilation_cache_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRIC_KEYS = [f'{t}_mAP{s}' for t in ('bbox', 'segm')
                for s in ('', '_50', '_75', '_s', '_m', '_l')]
 
 
-def _train(workdir, steps):
+def _train(workdir, steps, cache_env):
   cmd = [sys.executable, 'train.py', f'--workdir={workdir}',
          f'--config.train.max_steps={steps}',
          '--config.train.log_every_steps=5',
@@ -31,7 +33,8 @@ def _train(workdir, steps):
          '--config.data.synthetic.num_val=8',
          '--config.num_vis_images=2']
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                        timeout=900, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+                        timeout=900,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu', **cache_env))
   out = proc.stdout + proc.stderr
   assert proc.returncode == 0, out[-4000:]
   return proc
@@ -40,7 +43,8 @@ def _train(workdir, steps):
 @pytest.mark.slow
 def test_quickstart_trains_evaluates_and_resumes(tmp_path):
   workdir = str(tmp_path / 'qs')
-  proc = _train(workdir, 40)
+  cache_env = compilation_cache_env(tmp_path)
+  proc = _train(workdir, 40, cache_env)
   out = proc.stdout + proc.stderr
   losses = [float(v) for v in re.findall(r'step \d+/\d+ .*? loss=([0-9.]+)',
                                          out)]
@@ -76,5 +80,5 @@ def test_quickstart_trains_evaluates_and_resumes(tmp_path):
   assert any(l.split()[:1] == ['mAP'] for l in lines)
 
   # The same command with a longer schedule resumes from step 40.
-  proc = _train(workdir, 45)
+  proc = _train(workdir, 45, cache_env)  # its programs from the cache
   assert 'Resuming from step 40' in proc.stdout + proc.stderr
