@@ -77,19 +77,6 @@ def assert_one_error_line(proc, *needles):
   return errs[0]
 
 
-def pytest_collection_modifyitems(session, config, items):  # pylint: disable=unused-argument
-  """Runs the modules holding ``slow`` tests first, each module kept whole.
-
-  Under ``-n 2`` the few multi-minute subprocess tests (train.py runs) then
-  start early on both workers instead of leaving one worker alone at the
-  end; a module stays contiguous so its module-scoped fixtures are built
-  once per worker.
-  """
-  slow = {item.module.__name__ for item in items
-          if item.get_closest_marker('slow')}
-  items.sort(key=lambda item: item.module.__name__ not in slow)
-
-
 def compilation_cache_env(tmp_path) -> dict:
   """Environment entries giving one test's subprocesses a compilation
   cache of their own (``tmp_path/jax_cache``): a later command of the same
