@@ -85,6 +85,36 @@ def compilation_cache_env(tmp_path) -> dict:
   return {'MSRCNN_COMPILATION_CACHE': str(tmp_path / 'jax_cache')}
 
 
+def mmdet_train_step_inputs(ref, train_cfg):
+  """``(batch, sampled)`` for ``model.losses`` from a fixture's ``train.npz``
+  (``ref``: its arrays): mmdetection's input and GT (full-image mask
+  bitmaps, so each mask frame is the padded image), its RPN and R-CNN
+  samples packed to ``train_cfg``'s sample counts, and its train-mode
+  proposals."""
+  from msrcnn_jax.ops.matching import pack_sampled  # pylint: disable=g-import-not-at-top
+  _, _, h, w = ref['input'].shape
+  g = len(ref['gt_labels'])
+  batch = dict(
+      image=ref['input'].transpose(0, 2, 3, 1),
+      img_shape=ref['img_shape'][None, :2].astype(np.int32),
+      pad_shape=ref['pad_shape'][None, :2].astype(np.int32),
+      gt_boxes=ref['gt_bboxes'][None].astype(np.float32),
+      gt_labels=ref['gt_labels'][None].astype(np.int32),
+      gt_valid=np.ones((1, g), bool),
+      gt_masks=ref['gt_masks'][None],
+      gt_mask_frames=np.tile(np.array([[[0, 0, w, h]]], np.float32),
+                             (1, g, 1)))
+  rpn = pack_sampled(ref['rpn.sample.pos_inds'], ref['rpn.sample.neg_inds'],
+                     train_cfg.rpn.num_samples)
+  rcnn = pack_sampled(ref['rcnn.sample.pos_inds'],
+                      ref['rcnn.sample.neg_inds'], train_cfg.rcnn.num_samples)
+  props = ref['rpn.proposals.0'][None, :, :4]
+  sampled = dict(
+      rpn=tuple(a[None] for a in rpn), rcnn=tuple(a[None] for a in rcnn),
+      proposals=props, proposal_valid=np.ones(props.shape[:2], bool))
+  return batch, sampled
+
+
 def fixture_path(*parts):
   return os.path.join(FIXTURES, *parts)
 

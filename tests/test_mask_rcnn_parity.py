@@ -31,7 +31,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 import pytest
 
-from conftest import fixture_path
+from conftest import fixture_path, mmdet_train_step_inputs
 from msrcnn_jax import config as config_lib
 from msrcnn_jax import postprocess
 from msrcnn_jax.convert.mmdet import (convert_checkpoint, mmdet_key_to_path,
@@ -40,7 +40,6 @@ from msrcnn_jax.data import image_io, transforms
 from msrcnn_jax.inference import batch_by_bucket
 from msrcnn_jax.modeling import build
 from msrcnn_jax.modeling.detector import MaskScoringRCNN
-from msrcnn_jax.ops.matching import pack_sampled
 
 SETS = ('mask_rcnn_r50_caffe_tiny', 'mask_rcnn_r50_pytorch_tiny')
 IMAGES = ('chelsea', 'coffee')
@@ -182,27 +181,7 @@ def test_training_step_matches_mmdetection():
                                     cfg)
   with np.load(fixture_path(set_name, 'train.npz')) as f:
     ref = {k: f[k] for k in f.files}
-  _, _, h, w = ref['input'].shape
-  g = len(ref['gt_labels'])
-  batch = dict(
-      image=ref['input'].transpose(0, 2, 3, 1),
-      img_shape=ref['img_shape'][None, :2].astype(np.int32),
-      pad_shape=ref['pad_shape'][None, :2].astype(np.int32),
-      gt_boxes=ref['gt_bboxes'][None].astype(np.float32),
-      gt_labels=ref['gt_labels'][None].astype(np.int32),
-      gt_valid=np.ones((1, g), bool),
-      gt_masks=ref['gt_masks'][None],
-      gt_mask_frames=np.tile(np.array([[[0, 0, w, h]]], np.float32),
-                             (1, g, 1)))
-  t = cfg.train
-  rpn = pack_sampled(ref['rpn.sample.pos_inds'], ref['rpn.sample.neg_inds'],
-                     t.rpn.num_samples)
-  rcnn = pack_sampled(ref['rcnn.sample.pos_inds'],
-                      ref['rcnn.sample.neg_inds'], t.rcnn.num_samples)
-  props = ref['rpn.proposals.0'][None, :, :4]
-  sampled = dict(
-      rpn=tuple(a[None] for a in rpn), rcnn=tuple(a[None] for a in rcnn),
-      proposals=props, proposal_valid=np.ones(props.shape[:2], bool))
+  batch, sampled = mmdet_train_step_inputs(ref, cfg.train)
   model = build.build_model(cfg)
 
   def loss(params):

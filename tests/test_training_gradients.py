@@ -12,11 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conftest import fixture_config, fixture_path
+from conftest import fixture_config, fixture_path, mmdet_train_step_inputs
 from msrcnn_jax.convert.mmdet import (convert_checkpoint, mmdet_key_to_path,
                                       torch_to_flax_layout)
 from msrcnn_jax.modeling.detector import MaskScoringRCNN
-from msrcnn_jax.ops.matching import pack_sampled
 
 
 # Gradients are compared by relative Frobenius norm, ||ours - mmdet|| /
@@ -47,27 +46,7 @@ def test_losses_and_gradients_match_mmdetection(tiny_set):
                                     cfg)
   with np.load(fixture_path(tiny_set, 'train.npz')) as f:
     ref = {k: f[k] for k in f.files}
-  _, _, h, w = ref['input'].shape
-  g = len(ref['gt_labels'])
-  batch = dict(
-      image=ref['input'].transpose(0, 2, 3, 1),
-      img_shape=ref['img_shape'][None, :2].astype(np.int32),
-      pad_shape=ref['pad_shape'][None, :2].astype(np.int32),
-      gt_boxes=ref['gt_bboxes'][None].astype(np.float32),
-      gt_labels=ref['gt_labels'][None].astype(np.int32),
-      gt_valid=np.ones((1, g), bool),
-      gt_masks=ref['gt_masks'][None],
-      gt_mask_frames=np.tile(np.array([[[0, 0, w, h]]], np.float32),
-                             (1, g, 1)))
-  t = cfg.train
-  rpn = pack_sampled(ref['rpn.sample.pos_inds'], ref['rpn.sample.neg_inds'],
-                     t.rpn.num_samples)
-  rcnn = pack_sampled(ref['rcnn.sample.pos_inds'],
-                      ref['rcnn.sample.neg_inds'], t.rcnn.num_samples)
-  props = ref['rpn.proposals.0'][None, :, :4]
-  sampled = dict(
-      rpn=tuple(a[None] for a in rpn), rcnn=tuple(a[None] for a in rcnn),
-      proposals=props, proposal_valid=np.ones(props.shape[:2], bool))
+  batch, sampled = mmdet_train_step_inputs(ref, cfg.train)
   model = MaskScoringRCNN(cfg)
 
   def loss(params):
